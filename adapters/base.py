@@ -1,0 +1,183 @@
+"""Protocols and value types shared by every adapter.
+
+Adapters return these values and raise `adapters.errors` types; they never write HTTP
+responses and never read broker settings. Optional capabilities are small separate
+protocols checked with `isinstance`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from policies.decision import Limits
+
+
+def principal_id(issuer: str, subject: str) -> str:
+    """Stable, opaque id for a (issuer, subject) pair; never an email address."""
+    digest = hashlib.sha256(f"{issuer}\x00{subject}".encode()).hexdigest()
+    return f"u-{digest[:32]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who signed in, normalised from any upstream protocol."""
+
+    idp: str
+    issuer: str
+    subject: str
+    display_name: str = ""
+    email: str | None = None
+    groups: tuple[str, ...] = ()
+    affiliation: tuple[str, ...] = ()
+    acr: str | None = None
+    amr: tuple[str, ...] = ()
+    mfa: bool = False
+    auth_time: int = 0
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.subject:
+            raise ValueError("a Principal needs a non-empty subject")
+
+    @property
+    def id(self) -> str:
+        return principal_id(self.issuer, self.subject)
+
+    def to_json(self) -> dict[str, Any]:
+        """Serialisable form for the server-side session store (no upstream tokens)."""
+        return {
+            "idp": self.idp,
+            "issuer": self.issuer,
+            "subject": self.subject,
+            "display_name": self.display_name,
+            "email": self.email,
+            "groups": list(self.groups),
+            "affiliation": list(self.affiliation),
+            "acr": self.acr,
+            "amr": list(self.amr),
+            "mfa": self.mfa,
+            "auth_time": self.auth_time,
+            "claims": dict(self.claims),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Principal:
+        return cls(
+            idp=str(data["idp"]),
+            issuer=str(data["issuer"]),
+            subject=str(data["subject"]),
+            display_name=str(data.get("display_name", "")),
+            email=data.get("email"),
+            groups=tuple(data.get("groups", ())),
+            affiliation=tuple(data.get("affiliation", ())),
+            acr=data.get("acr"),
+            amr=tuple(data.get("amr", ())),
+            mfa=bool(data.get("mfa", False)),
+            auth_time=int(data.get("auth_time", 0)),
+            claims=dict(data.get("claims", {})),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a policy allowed: the input to a downstream backend."""
+
+    principal: Principal
+    action: str
+    resource: str
+    audience: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    policy_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A short-lived downstream credential. `secret` never shows in `repr`."""
+
+    backend: str
+    kind: str
+    secret: Mapping[str, Any] = field(repr=False)
+    expires_at: datetime
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFlow:
+    """One browser sign-in in progress (state kept server-side by the broker)."""
+
+    id: str
+    upstream: str
+    callback_url: str
+    next_url: str
+    login_hint: str | None = None
+    idp_hint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class FormPost:
+    """An auto-submitting HTML form (SAML HTTP-POST binding, LTI)."""
+
+    url: str
+    fields: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalForm:
+    """Ask the broker to render its own sign-in form for this upstream (dev adapter)."""
+
+    upstream: str
+    fields: Sequence[str]
+    choices: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+class Upstream(Protocol):
+    """Federates sign-in to one external identity system."""
+
+    id: str
+    display_name: str
+
+    async def begin(self, flow: LoginFlow) -> Redirect | FormPost | LocalForm: ...
+
+    async def complete(self, flow: LoginFlow, params: Mapping[str, str]) -> Principal: ...
+
+
+@runtime_checkable
+class Refreshable(Protocol):
+    async def refresh(self, principal: Principal) -> Principal: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDef:
+    method: str
+    path: str
+    name: str
+
+
+@runtime_checkable
+class ServesMetadata(Protocol):
+    """SAML SP metadata, LTI tool JWKS, ..."""
+
+    def routes(self) -> Sequence[RouteDef]: ...
+
+
+class Backend(Protocol):
+    """Turns an allowed Grant into a short-lived downstream credential."""
+
+    id: str
+
+    async def issue(self, grant: Grant) -> Credential: ...
+
+
+@runtime_checkable
+class Revocable(Protocol):
+    async def revoke(self, credential: Credential) -> None: ...

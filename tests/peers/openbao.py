@@ -1,0 +1,1 @@
+"""OpenBao peer fixtures (placeholder until written)."""

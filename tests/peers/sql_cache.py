@@ -1,0 +1,1 @@
+"""SQL and cache fixtures (placeholder until written)."""

@@ -1,0 +1,1 @@
+../broker/vault-policy.hcl

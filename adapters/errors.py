@@ -50,7 +50,11 @@ class InvalidScope(BrokerError):
 
 
 class InvalidTarget(BrokerError):
-    error, status, title = "invalid_target", 400, "The requested audience or resource is not allowed"
+    error, status, title = (
+        "invalid_target",
+        400,
+        "The requested audience or resource is not allowed",
+    )
 
 
 class InvalidToken(BrokerError):
@@ -90,7 +94,11 @@ class ConfigurationError(BrokerError):
 class UpstreamFailed(BrokerError):
     """A peer the broker depends on (Vault, an IdP, a cloud API) failed or is unreachable."""
 
-    error, status, title = "temporarily_unavailable", 503, "A service the broker needs is unavailable"
+    error, status, title = (
+        "temporarily_unavailable",
+        503,
+        "A service the broker needs is unavailable",
+    )
 
 
 class ServerError(BrokerError):

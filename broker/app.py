@@ -1,0 +1,49 @@
+"""The aiohttp application: routes, middleware and the services' lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from adapters.vault import AppRoleAuth, TokenAuth
+from broker.middleware import build_middlewares
+from broker.routes import health, home, issuer, login
+from broker.services import Services, start_services
+from broker.settings import Settings
+from broker.state import DEV_MODE, SERVICES
+
+
+def _application(settings: Settings, dev_mode: bool) -> web.Application:
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app[DEV_MODE] = dev_mode
+    app.middlewares.extend(build_middlewares(lambda: app[SERVICES].metrics))
+    for module in (issuer, health, login, home):
+        module.add_routes(app)
+    return app
+
+
+def create_app(
+    settings: Settings,
+    *,
+    dev_mode: bool = False,
+    vault_auth: TokenAuth | AppRoleAuth | None = None,
+) -> web.Application:
+    """An application whose services start with the server and close with it."""
+    app = _application(settings, dev_mode)
+
+    async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        svc = await start_services(settings, dev_mode=dev_mode, vault_auth=vault_auth)
+        app[SERVICES] = svc
+        yield
+        await svc.close()
+
+    app.cleanup_ctx.append(lifespan)
+    return app
+
+
+def app_with_services(services: Services) -> web.Application:
+    """An application over services the caller started and will close (tests, benchmarks)."""
+    app = _application(services.settings, services.dev_mode)
+    app[SERVICES] = services
+    return app

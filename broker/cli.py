@@ -1,0 +1,269 @@
+"""The `broker` command: run the broker and operate it.
+
+Exit codes: 0 success, 1 a check failed (invalid settings, denied decision, broken audit
+chain), 2 usage errors (argparse), 3 a peer could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.errors import BrokerError
+from broker.settings import Settings, SettingsError, load_settings
+
+
+def _load(path: Path, mode: str = "admin") -> Settings:
+    try:
+        return load_settings(path, mode=mode)
+    except SettingsError as error:
+        print(f"{error.source}: the settings are not valid:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    mode = "dev" if args.dev else "production"
+    try:
+        settings = load_settings(Path(args.file), mode=mode)
+    except SettingsError as error:
+        print(f"{error.source}: {len(error.problems)} problem(s):")
+        for problem in error.problems:
+            print(f"  - {problem}")
+        return 1
+    from broker.services import load_policies
+
+    try:
+        engine = load_policies(settings)
+    except BrokerError as error:
+        print(f"{args.file}: policy.directory: {error.description}")
+        return 1
+    print(
+        f"{args.file}: OK ({len(settings.upstreams)} upstream(s), {len(settings.backends)} "
+        f"backend(s), {len(engine.policy_ids)} policies)"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from broker.app import create_app
+    from broker.logs import configure_logging
+
+    settings = _load(Path(args.config), mode="production")
+    configure_logging(settings.logging.level)
+    app = create_app(settings)
+    host = args.host or settings.server.bind_host
+    port = args.port if args.port is not None else settings.server.bind_port
+    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from broker.dev import run_dev
+
+    return asyncio.run(run_dev(Path(args.state_dir), args.port, host=args.host))
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from broker.storage import Database
+
+    settings = _load(Path(args.config))
+
+    async def run() -> None:
+        db = Database(settings.database.url)
+        try:
+            await db.upgrade()
+        finally:
+            await db.close()
+
+    asyncio.run(run())
+    print("database schema is up to date")
+    return 0
+
+
+async def _with_services(settings: Settings, action: str) -> int:
+    from broker.services import start_services
+
+    svc = await start_services(settings, dev_mode=False)
+    try:
+        if action == "rotate":
+            key = await svc.keyring.rotate(reason="manual")
+            print(f"new key {key.kid} ({key.alg}) published; it signs from {key.activate_at}")
+        ks = svc.keyring.keyset
+        now = svc.keyring.now()
+        signer = ks.signer(now)
+        for key in ks.published(now):
+            state = (
+                "signing" if key is signer else ("pending" if key.activate_at > now else "retired")
+            )
+            remove = f", removed after {key.remove_after}" if key.remove_after else ""
+            print(f"{key.kid}  {key.alg}  {state}  created {key.created_at}{remove}")
+    finally:
+        await svc.close()
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    settings = _load(Path(args.config))
+    return asyncio.run(_with_services(settings, args.keys_command))
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from broker.audit import AuditLog
+    from broker.storage import Database
+
+    settings = _load(Path(args.config))
+
+    async def run() -> int:
+        db = Database(settings.database.url)
+        try:
+            report = await AuditLog(settings.audit.path, db, chain=settings.audit.chain).verify()
+        finally:
+            await db.close()
+        if report.ok:
+            print(f"audit log intact: {report.records} records")
+            return 0
+        print(f"audit log BROKEN at record {report.first_bad_seq}: {report.problem}")
+        return 1
+
+    return asyncio.run(run())
+
+
+@dataclass(frozen=True)
+class _CliPrincipal:
+    id: str
+    idp: str
+    groups: tuple[str, ...]
+    affiliation: tuple[str, ...] = ()
+    email: str | None = None
+    acr: str | None = None
+    mfa: bool = False
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from broker.services import load_policies
+    from policies.engine import PolicyEngine, PolicyError, Resource, describe
+
+    try:
+        if args.config:
+            engine = load_policies(_load(Path(args.config)))
+        else:
+            engine = PolicyEngine.load(Path(args.policies) if args.policies else None)
+    except (PolicyError, BrokerError) as error:
+        print(f"policies cannot be loaded: {error}", file=sys.stderr)
+        return 1
+    type_, sep, ident = args.resource.partition("::")
+    if not sep or not type_ or not ident:
+        print('--resource must look like Backend::"aws" or Backend::aws', file=sys.stderr)
+        return 2
+    try:
+        context = json.loads(args.context) if args.context else {}
+    except json.JSONDecodeError as error:
+        print(f"--context is not JSON: {error}", file=sys.stderr)
+        return 2
+    principal = (
+        _CliPrincipal(
+            id=args.user,
+            idp=args.idp,
+            groups=tuple(args.group),
+            affiliation=tuple(args.affiliation),
+            mfa=args.mfa,
+            email=args.email,
+        )
+        if args.user
+        else None
+    )
+    decision = engine.decide(
+        principal, args.action, Resource(type_, ident.strip('"')), context, client=args.client
+    )
+    print(describe(decision))
+    return 0 if decision.allowed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="broker",
+        description="binder-broker: federated credential broker for notebook launchers",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the broker with a settings file (production)")
+    p.add_argument("--config", required=True, help="settings TOML file")
+    p.add_argument("--host", help="bind address (overrides server.bind_host)")
+    p.add_argument("--port", type=int, help="bind port (overrides server.bind_port)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "dev", help="run a local broker with its own OpenBao, SQLite and dev sign-in"
+    )
+    p.add_argument("--state-dir", default=".broker-dev", help="where dev state lives")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("check-config", help="validate a settings file and print every problem")
+    p.add_argument("file")
+    p.add_argument("--dev", action="store_true", help="validate as `broker dev` would")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("db", help="database schema")
+    dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("upgrade", help="apply migrations")
+    q.add_argument("--config", required=True)
+    q.set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("keys", help="signing keys")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    for name, text in (("list", "show the published keys"), ("rotate", "publish a new key now")):
+        q = ksub.add_parser(name, help=text)
+        q.add_argument("--config", required=True)
+        q.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("audit", help="audit log")
+    asub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    q = asub.add_parser("verify", help="check the hash chain; report the first bad record")
+    q.add_argument("--config", required=True)
+    q.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("policy", help="Cedar policies")
+    psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    q = psub.add_parser("check", help="evaluate one request and print the decision")
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--config", help="use the policies named in this settings file")
+    src.add_argument("--policies", help="a folder of *.cedar files (default: the packaged ones)")
+    q.add_argument("--user", help="principal id (omit for a client-only request)")
+    q.add_argument("--idp", default="dev")
+    q.add_argument("--group", action="append", default=[], help="repeatable")
+    q.add_argument("--affiliation", action="append", default=[], help="repeatable")
+    q.add_argument("--email")
+    q.add_argument("--mfa", action="store_true")
+    q.add_argument("--client", help="client id, for client-only requests")
+    q.add_argument("--action", required=True)
+    q.add_argument("--resource", required=True, help='e.g. Backend::"aws"')
+    q.add_argument("--context", help="JSON object, e.g. '{\"cpu\": 1, ...}'")
+    q.set_defaults(func=cmd_policy_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except BrokerError as error:
+        print(f"error: {error.description}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Plain, accessible HTML pages. Every value is escaped; no template language is needed."""
+
+from __future__ import annotations
+
+import html
+from functools import cache
+from importlib import resources
+from string import Template
+
+from aiohttp import web
+
+from broker.state import DEV_MODE, REQUEST_ID
+
+DEV_BANNER = (
+    '<div class="dev-banner" role="alert">DEVELOPMENT MODE: sign-in here checks no password. '
+    "Never expose this broker to other people.</div>"
+)
+
+
+@cache
+def _base() -> Template:
+    return Template(resources.files("broker.web").joinpath("base.html").read_text("utf-8"))
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def render(request: web.Request, title: str, body_html: str, *, status: int = 200) -> web.Response:
+    """A full page. `body_html` must already be escaped by the caller (use `esc`)."""
+    dev_mode = request.app.get(DEV_MODE, False)
+    page = _base().substitute(
+        title=esc(title),
+        body=body_html,
+        dev_banner=DEV_BANNER if dev_mode else "",
+        request_id=esc(request.get(REQUEST_ID, "-")),
+    )
+    response = web.Response(text=page, status=status, content_type="text/html", charset="utf-8")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    )
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response

@@ -1,0 +1,208 @@
+"""Builds and closes everything a broker process needs, from validated settings.
+
+Start-up order matters: Vault first (it holds the other secrets), then SQL (migrated by
+`broker db upgrade` or `broker dev`, checked here), the cache, the policy engine (an invalid
+policy stops start-up), the audit log, and finally the key ring, which may write to Vault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from adapters.base import Upstream
+from adapters.errors import ConfigurationError, Conflict
+from adapters.upstream.dev import DevUpstream
+from adapters.vault import AppRoleAuth, TokenAuth, VaultClient
+from broker.audit import AuditLog
+from broker.cache import Cache, cache_from_url
+from broker.keyring import KeyRing, SigningKey
+from broker.metrics import Metrics
+from broker.sessions import SessionStore
+from broker.settings import (
+    AppRoleAuthSettings,
+    DevUpstreamConfig,
+    EnvRef,
+    FileRef,
+    SecretValue,
+    Settings,
+    UpstreamConfig,
+    VaultRef,
+)
+from broker.storage import Database
+from broker.tokens import TokenService
+from policies.engine import PolicyEngine, PolicyError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Services:
+    """The broker's collaborators, shared by every request handler."""
+
+    settings: Settings
+    dev_mode: bool
+    http: aiohttp.ClientSession
+    vault: VaultClient
+    db: Database
+    cache: Cache
+    policy: PolicyEngine
+    audit: AuditLog
+    keyring: KeyRing
+    tokens: TokenService
+    sessions: SessionStore
+    metrics: Metrics
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        await self.keyring.close()
+        await self.vault.close()
+        await self.cache.close()
+        await self.db.close()
+        await self.http.close()
+
+
+def load_policies(settings: Settings) -> PolicyEngine:
+    """The policy engine, or ConfigurationError with the Cedar parser's message."""
+    try:
+        return PolicyEngine.load(settings.policy.directory)
+    except PolicyError as error:
+        raise ConfigurationError(f"the Cedar policies cannot be loaded: {error}") from None
+
+
+async def resolve_secret(value: SecretValue, vault: VaultClient | None = None) -> str:
+    """The plain value of a secret reference (only ever kept in memory)."""
+    if isinstance(value, EnvRef):
+        try:
+            return os.environ[value.env]
+        except KeyError:
+            raise ConfigurationError(f"environment variable {value.env} is not set") from None
+    if isinstance(value, FileRef):
+        return (await asyncio.to_thread(Path(value.file).read_text, "utf-8")).strip()
+    if isinstance(value, VaultRef):
+        if vault is None:
+            raise ConfigurationError("a Vault reference cannot configure Vault itself")
+        entry = await vault.kv_read(value.path, mount=value.mount)
+        if entry is None or value.field not in entry.data:
+            raise ConfigurationError(
+                f"Vault has no field {value.field!r} at {value.mount}/{value.path}"
+            )
+        return str(entry.data[value.field])
+    return value.get_secret_value()
+
+
+def build_upstream(config: UpstreamConfig, *, dev_mode: bool) -> Upstream:
+    if isinstance(config, DevUpstreamConfig):
+        return DevUpstream(config.id, config.display_name, config.groups, dev_mode=dev_mode)
+    raise ConfigurationError(f"no adapter for upstream type {config.type!r}")
+
+
+async def _session_key(vault: VaultClient, prefix: str) -> bytes:
+    """The cookie-signing key, created once in Vault and shared by every replica."""
+    path = f"{prefix}/session-key"
+    entry = await vault.kv_read(path)
+    if entry is None:
+        try:
+            await vault.kv_write(path, {"key": secrets.token_hex(32)}, cas=0)
+        except Conflict:
+            pass  # another replica created it first; read theirs
+        entry = await vault.kv_read(path)
+    if entry is None:
+        raise ConfigurationError("the session key could not be stored in Vault")
+    return bytes.fromhex(str(entry.data["key"]))
+
+
+async def start_services(
+    settings: Settings, *, dev_mode: bool, vault_auth: TokenAuth | AppRoleAuth | None = None
+) -> Services:
+    """Connect to every peer and load state. Raises a BrokerError naming what failed."""
+    policy = load_policies(settings)
+    upstreams = {u.id: build_upstream(u, dev_mode=dev_mode) for u in settings.upstreams}
+    v = settings.vault
+    if vault_auth is None:
+        if isinstance(v.auth, AppRoleAuthSettings):
+            vault_auth = AppRoleAuth(
+                v.auth.role_id, await resolve_secret(v.auth.secret_id), v.auth.mount
+            )
+        else:
+            vault_auth = TokenAuth(await resolve_secret(v.auth.token))
+    vault = VaultClient(
+        v.address,
+        vault_auth,
+        kv_mount=v.kv_mount,
+        transit_mount=v.transit_mount,
+        ca_cert=str(v.ca_cert) if v.ca_cert else None,
+        namespace=v.namespace,
+        timeout=v.timeout,
+    )
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    db = Database(settings.database.url)
+    cache = cache_from_url(settings.cache.url)
+    metrics = Metrics()
+    try:
+        await vault.login()
+        await db.ping()
+        await cache.ping()
+        audit = AuditLog(settings.audit.path, db, chain=settings.audit.chain)
+
+        async def audit_rotation(key: SigningKey, reason: str) -> None:
+            await audit.append(
+                "key.rotated", outcome="success", kid=key.kid, alg=key.alg,
+                reason=reason, activate_at=key.activate_at,
+            )  # fmt: skip
+
+        keys = settings.keys
+        keyring = KeyRing(
+            vault,
+            prefix=v.prefix,
+            algorithm=keys.algorithm,
+            signing=keys.signing,
+            rotation_interval=keys.rotation_interval,
+            publish_ahead=keys.publish_ahead,
+            max_token_ttl=settings.tokens.max_ttl,
+            clock_skew=settings.tokens.clock_skew,
+            refresh_interval=keys.refresh_interval,
+            max_staleness=keys.max_staleness,
+            on_rotate=audit_rotation,
+        )
+        await keyring.start()
+        metrics.watch_key_ages(keyring.key_ages)
+        tokens = TokenService(
+            keyring,
+            issuer=settings.server.public_url,
+            access_token_ttl=settings.tokens.access_token_ttl,
+            id_token_ttl=settings.tokens.id_token_ttl,
+            max_ttl=settings.tokens.max_ttl,
+            clock_skew=settings.tokens.clock_skew,
+            on_mint=metrics.token_minted,
+        )
+        sessions = SessionStore(
+            cache, await _session_key(vault, v.prefix), settings.server.session_ttl
+        )
+    except BaseException:
+        await vault.close()
+        await cache.close()
+        await db.close()
+        await http.close()
+        raise
+    return Services(
+        settings=settings,
+        dev_mode=dev_mode,
+        http=http,
+        vault=vault,
+        db=db,
+        cache=cache,
+        policy=policy,
+        audit=audit,
+        keyring=keyring,
+        tokens=tokens,
+        sessions=sessions,
+        metrics=metrics,
+        upstreams=upstreams,
+    )

@@ -1,0 +1,461 @@
+"""Broker settings: one TOML file validated by pydantic v2.
+
+Every model forbids unknown keys. Secrets are literal strings (held as `SecretStr`) or
+references: `{ env = "NAME" }`, `{ file = "/path" }`, `{ vault = "mount/path#field" }`.
+Adapter families are discriminated unions on `type`: adding an adapter is one config model
+plus one union member. Validation has no side effects; `load_settings` reports every problem
+at once as `SettingsError.problems`, each prefixed with the dotted path of the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Accept seconds as an integer or a string such as "90s", "15m", "12h", "30d"."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use seconds or e.g. '15m', '12h', '30d')")
+        return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Duration = Annotated[int, BeforeValidator(_parse_duration), Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- secret references -------------------------------------------------------------------
+
+
+class EnvRef(_Model):
+    """A secret read from an environment variable at start-up."""
+
+    env: str = Field(min_length=1)
+
+
+class FileRef(_Model):
+    """A secret read from a file (e.g. a mounted Kubernetes secret) at start-up."""
+
+    file: Path
+
+
+class VaultRef(_Model):
+    """A secret read from Vault KV v2 at start-up: `mount/path#field`."""
+
+    vault: str = Field(pattern=r"^[^#\s]+/[^#\s]+#[^#\s]+$")
+
+    @property
+    def mount(self) -> str:
+        return self.vault.split("/", 1)[0]
+
+    @property
+    def path(self) -> str:
+        return self.vault.split("/", 1)[1].split("#", 1)[0]
+
+    @property
+    def field(self) -> str:
+        return self.vault.split("#", 1)[1]
+
+
+def _secret_kind(value: Any) -> str | None:
+    if isinstance(value, str | SecretStr):
+        return "secret=literal"
+    if isinstance(value, EnvRef | FileRef | VaultRef):
+        return f"secret={type(value).__name__}"
+    if isinstance(value, Mapping) and len(value) == 1:
+        kind = {"env": "EnvRef", "file": "FileRef", "vault": "VaultRef"}.get(next(iter(value)))
+        return f"secret={kind}" if kind else None
+    return None
+
+
+SecretRef = Annotated[
+    Annotated[SecretStr, Tag("secret=literal")]
+    | Annotated[EnvRef, Tag("secret=EnvRef")]
+    | Annotated[FileRef, Tag("secret=FileRef")]
+    | Annotated[VaultRef, Tag("secret=VaultRef")],
+    Discriminator(
+        _secret_kind,
+        custom_error_type="secret_reference",
+        custom_error_message=(
+            'a secret is a string or one of { env = "NAME" }, { file = "/path" }, '
+            '{ vault = "mount/path#field" }'
+        ),
+    ),
+]
+SecretValue = SecretStr | EnvRef | FileRef | VaultRef
+
+
+def _tag_by(key: str) -> Callable[[Any], str | None]:
+    """Discriminator that names its tags `key=value`, so error paths can drop them."""
+
+    def pick(value: Any) -> str | None:
+        found = value.get(key) if isinstance(value, Mapping) else getattr(value, key, None)
+        return f"{key}={found}" if isinstance(found, str) else None
+
+    return pick
+
+
+# --- sections ----------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ServerSettings(_Model):
+    """Where the broker listens and the public URL it is reached at (its issuer)."""
+
+    public_url: str = Field(description="issuer URL, e.g. https://broker.example.edu")
+    bind_host: str = "127.0.0.1"
+    bind_port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    session_ttl: Duration = 8 * 3600
+    cookie_secure: bool = True
+
+    @field_validator("public_url")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError("an issuer URL has no query or fragment (RFC 8414 §2)")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must use https unless the host is loopback")
+        return value.rstrip("/")
+
+
+def _not_from_vault(value: SecretValue) -> SecretValue:
+    if isinstance(value, VaultRef):
+        raise ValueError("the credential that opens Vault cannot itself be kept in Vault")
+    return value
+
+
+class TokenAuthSettings(_Model):
+    method: Literal["token"]
+    token: SecretRef
+
+    _token_not_in_vault = field_validator("token")(_not_from_vault)
+
+
+class AppRoleAuthSettings(_Model):
+    method: Literal["approle"]
+    role_id: str = Field(min_length=1)
+    secret_id: SecretRef
+    mount: str = "approle"
+
+    _secret_not_in_vault = field_validator("secret_id")(_not_from_vault)
+
+
+VaultAuthSettings = Annotated[
+    Annotated[TokenAuthSettings, Tag("method=token")]
+    | Annotated[AppRoleAuthSettings, Tag("method=approle")],
+    Discriminator(_tag_by("method")),
+]
+
+
+class VaultSettings(_Model):
+    """The Vault / OpenBao that holds every long-lived secret and the signing keys."""
+
+    address: str
+    auth: VaultAuthSettings
+    kv_mount: str = "secret"
+    transit_mount: str = "transit"
+    prefix: str = Field(default="binder-broker", pattern=r"^[A-Za-z0-9._-]+$")
+    ca_cert: Path | None = None
+    namespace: str | None = None
+    timeout: float = Field(default=5.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL such as https://vault:8200")
+        return value.rstrip("/")
+
+
+class DatabaseSettings(_Model):
+    url: str = "sqlite:///broker.db"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"):
+            raise ValueError("use sqlite:///PATH or postgresql://USER@HOST/DB")
+        return value
+
+
+class CacheSettings(_Model):
+    url: str = "memory://"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value != "memory://" and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("use memory:// or redis://HOST:PORT/DB")
+        return value
+
+
+class KeySettings(_Model):
+    """Signing keys: algorithm, where they sign, and the rotation schedule.
+
+    A new key is published `jwks_max_age + refresh_interval` before it signs, so every
+    replica and every downstream JWKS cache has seen it first.
+    """
+
+    algorithm: Literal["ES256", "RS256"] = "ES256"
+    signing: Literal["local", "transit"] = "local"
+    rotation_interval: Duration = 30 * 86400
+    jwks_max_age: Duration = 3600
+    refresh_interval: Duration = Field(default=30, ge=1)
+    max_staleness: Duration = 300
+
+    @property
+    def publish_ahead(self) -> int:
+        return self.jwks_max_age + self.refresh_interval
+
+    @model_validator(mode="after")
+    def _schedule(self) -> KeySettings:
+        if self.rotation_interval <= self.publish_ahead:
+            raise ValueError(
+                "rotation_interval must be longer than jwks_max_age + refresh_interval "
+                f"({self.publish_ahead} s), or a key would be replaced before it signs"
+            )
+        return self
+
+
+class TokenSettings(_Model):
+    access_token_ttl: Duration = 600
+    id_token_ttl: Duration = 600
+    max_ttl: Duration = 86400
+    clock_skew: Duration = 60
+
+    @model_validator(mode="after")
+    def _caps(self) -> TokenSettings:
+        if max(self.access_token_ttl, self.id_token_ttl) > self.max_ttl:
+            raise ValueError("access_token_ttl and id_token_ttl must not exceed max_ttl")
+        return self
+
+
+class PolicySettings(_Model):
+    directory: Path | None = Field(
+        default=None, description="folder of *.cedar files; the packaged defaults when unset"
+    )
+
+
+class AuditSettings(_Model):
+    path: Path = Path("audit.log")
+    chain: str = Field(default="main", pattern=r"^[A-Za-z0-9._-]+$")
+
+
+class LoggingSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+# --- adapter families --------------------------------------------------------------------
+
+
+class DevUpstreamConfig(_Model):
+    """Type-a-username sign-in for local development. Refuses to load outside dev mode."""
+
+    type: Literal["dev"]
+    id: str = Field(default="dev", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    display_name: str = "Development sign-in (no password)"
+    groups: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9:._/@-]+$")]] = Field(
+        default_factory=lambda: ["students", "instructors", "broker-admins"]
+    )
+
+    @model_validator(mode="after")
+    def _dev_only(self, info: ValidationInfo) -> DevUpstreamConfig:
+        # "admin" commands (keys, audit, db) read a dev config but never build upstreams.
+        context = info.context if isinstance(info.context, Mapping) else {}
+        if context.get("mode", "production") not in ("dev", "admin"):
+            raise ValueError(
+                "the dev sign-in adapter only loads under `broker dev`; remove it from a "
+                "production configuration"
+            )
+        return self
+
+
+UpstreamConfig = Annotated[
+    Annotated[DevUpstreamConfig, Tag("type=dev")],
+    Discriminator(_tag_by("type")),
+]
+
+
+class VaultSecretBackendConfig(_Model):
+    """A user's own secret kept in Vault KV under the broker prefix, handed to a launch."""
+
+    type: Literal["vault_secret"]
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="secret name under each user")
+    max_ttl: Duration = 3600
+
+
+BackendConfig = Annotated[
+    Annotated[VaultSecretBackendConfig, Tag("type=vault_secret")],
+    Discriminator(_tag_by("type")),
+]
+
+
+class Settings(_Model):
+    server: ServerSettings
+    vault: VaultSettings
+    database: DatabaseSettings = DatabaseSettings()
+    cache: CacheSettings = CacheSettings()
+    keys: KeySettings = KeySettings()
+    tokens: TokenSettings = TokenSettings()
+    policy: PolicySettings = PolicySettings()
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    backends: list[BackendConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Settings:
+        problems = []
+        for family, items in (("upstreams", self.upstreams), ("backends", self.backends)):
+            seen: set[str] = set()
+            for item in items:
+                if item.id in seen:
+                    problems.append(f"{family}: two entries share the id {item.id!r}")
+                seen.add(item.id)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; `problems` lists each one as `path: message`."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "=" in part or part.startswith(("function-", "lax-or-strict")):
+            continue  # tags pydantic inserts for unions and validators, not keys
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    """One `path: message` line per problem pydantic found."""
+    lines = []
+    for item in error.errors(include_url=False, include_input=False):
+        path = _loc_to_path(tuple(item["loc"]))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see examples/broker.toml)"
+        elif item["type"] == "union_tag_invalid":
+            ctx = item.get("ctx", {})
+            tag = str(ctx.get("tag", "")).partition("=")
+            expected = str(ctx.get("expected_tags", "")).replace(f"{tag[0]}=", "")
+            message = f"unknown {tag[0]} {tag[2]!r}; expected one of {expected}"
+        elif item["type"] == "union_tag_not_found":
+            message = "missing key 'type' (or 'method') that says which kind this is"
+        lines.append(f"{path}: {message}")
+    # Secret references are unions; pydantic reports one line per alternative. Keep one.
+    return list(dict.fromkeys(lines))
+
+
+def secret_reference_problems(settings: Settings) -> list[str]:
+    """Environment and file references that cannot be read now (Vault ones are checked at start)."""
+    problems = []
+    for path, ref in iter_secret_refs(settings):
+        if isinstance(ref, EnvRef) and ref.env not in os.environ:
+            problems.append(f"{path}: environment variable {ref.env} is not set")
+        elif isinstance(ref, FileRef) and not os.access(ref.file, os.R_OK):
+            problems.append(f"{path}: file {ref.file} cannot be read")
+    return problems
+
+
+def iter_secret_refs(model: BaseModel, prefix: str = "") -> list[tuple[str, SecretValue]]:
+    """Every secret-valued field of a settings tree, with its dotted path."""
+    found: list[tuple[str, SecretValue]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, SecretValue):
+            found.append((path, value))
+        elif isinstance(value, BaseModel):
+            found.extend(iter_secret_refs(value, path))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    found.extend(iter_secret_refs(item, f"{path}[{index}]"))
+    return found
+
+
+def parse_settings(data: Mapping[str, Any], *, mode: str = "production") -> Settings:
+    """Validate a settings mapping; raises SettingsError listing every problem."""
+    try:
+        settings = Settings.model_validate(data, context={"mode": mode})
+    except ValidationError as error:
+        raise SettingsError("settings", format_validation_error(error)) from None
+    return settings
+
+
+def load_settings(path: Path, *, mode: str = "production", check_refs: bool = True) -> Settings:
+    """Read and validate one TOML file. Raises SettingsError with every problem found."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(str(path), [f"{path}: no such file"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(str(path), [f"TOML syntax: {error}"]) from None
+    try:
+        settings = Settings.model_validate(raw, context={"mode": mode})
+    except ValidationError as error:
+        raise SettingsError(str(path), format_validation_error(error)) from None
+    if check_refs:
+        problems = secret_reference_problems(settings)
+        if problems:
+            raise SettingsError(str(path), problems)
+    return settings

@@ -1,0 +1,179 @@
+"""Minting and verifying the broker's own JWTs.
+
+Access tokens follow RFC 9068 (`typ: at+jwt`, iss, sub, aud, client_id, scope, iat, exp, jti,
+auth_time, acr); ID tokens follow OpenID Connect Core §2. Verification pins the algorithm to
+the one the `kid` was published with, from an allow-list, and never contacts Vault.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jwt
+
+from adapters.errors import InvalidRequest, InvalidToken
+from broker.keyring import SUPPORTED_ALGORITHMS, KeyRing
+
+TokenKind = Literal["access", "id"]
+_TYP = {"access": "at+jwt", "id": "JWT"}
+_ACCEPTED_TYP = {"access": ("at+jwt", "application/at+jwt"), "id": ("jwt", "application/jwt")}
+_RESERVED = frozenset(
+    {"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "scope", "auth_time", "acr",
+     "nonce", "azp", "cnf", "act"}
+)  # fmt: skip
+_REQUIRED = {"access": ["iss", "sub", "aud", "exp", "iat", "jti", "client_id"],
+             "id": ["iss", "sub", "aud", "exp", "iat"]}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class MintedToken:
+    """A signed token and the facts about it that may be logged (never the token itself)."""
+
+    token: str
+    jti: str
+    kid: str
+    issued_at: int
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"MintedToken(jti={self.jti!r}, kid={self.kid!r}, expires_at={self.expires_at})"
+
+
+class TokenService:
+    """Mints and verifies broker JWTs with the key ring's current key."""
+
+    def __init__(
+        self,
+        keyring: KeyRing,
+        *,
+        issuer: str,
+        access_token_ttl: int,
+        id_token_ttl: int,
+        max_ttl: int,
+        clock_skew: int,
+        on_mint: Callable[[TokenKind], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keyring = keyring
+        self.issuer = issuer
+        self._default_ttl = {"access": access_token_ttl, "id": id_token_ttl}
+        self.max_ttl = max_ttl
+        self._skew = clock_skew
+        self._on_mint = on_mint
+        self._clock = clock
+
+    async def mint(
+        self,
+        *,
+        subject: str,
+        audience: str | Sequence[str],
+        client_id: str,
+        kind: TokenKind = "access",
+        scope: Sequence[str] = (),
+        ttl: int | None = None,
+        auth_time: int | None = None,
+        acr: str | None = None,
+        nonce: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> MintedToken:
+        """Sign a new token. `ttl` is clipped to the configured maximum, never extended.
+
+        `extra` adds claims but cannot replace a registered one. Raises UpstreamFailed when
+        the key ring cannot be trusted (Vault unreachable for too long).
+        """
+        if not subject or not client_id or not audience:
+            raise InvalidRequest("a token needs a subject, a client and an audience")
+        if extra and not _RESERVED.isdisjoint(extra):
+            raise InvalidRequest("extra claims may not replace registered claims")
+        key = self._keyring.signer()
+        now = int(self._clock())
+        lifetime = min(ttl if ttl is not None else self._default_ttl[kind], self.max_ttl)
+        if lifetime <= 0:
+            raise InvalidRequest("the token lifetime must be positive")
+        jti = secrets.token_urlsafe(18)
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": audience if isinstance(audience, str) else list(audience),
+            "iat": now,
+            "exp": now + lifetime,
+            "jti": jti,
+            "auth_time": auth_time if auth_time is not None else now,
+        }
+        if kind == "access":
+            claims["client_id"] = client_id
+            claims["scope"] = " ".join(scope)
+        else:
+            claims["azp"] = client_id
+            if nonce is not None:
+                claims["nonce"] = nonce
+        if acr is not None:
+            claims["acr"] = acr
+        if extra:
+            claims.update(extra)
+        headers = {"kid": key.kid, "typ": _TYP[kind]}
+        if key.private_key is not None:
+            token = jwt.encode(claims, key.private_key, algorithm=key.alg, headers=headers)
+        else:
+            token = await self._sign_remotely(claims, headers | {"alg": key.alg}, key)
+        if self._on_mint is not None:
+            self._on_mint(kind)
+        return MintedToken(
+            token=token, jti=jti, kid=key.kid, issued_at=now, expires_at=now + lifetime
+        )
+
+    async def _sign_remotely(
+        self, claims: Mapping[str, Any], header: Mapping[str, Any], key: Any
+    ) -> str:
+        b64 = jwt.utils.base64url_encode
+        signing_input = (
+            b64(json.dumps(dict(header), separators=(",", ":")).encode())
+            + b"."
+            + b64(json.dumps(dict(claims), separators=(",", ":")).encode())
+        )
+        signature = await self._keyring.sign(key, signing_input)
+        return (signing_input + b"." + b64(signature)).decode()
+
+    def verify(
+        self, token: str, *, audience: str | None = None, kind: TokenKind = "access"
+    ) -> dict[str, Any]:
+        """Check a broker token; returns its claims or raises InvalidToken.
+
+        Accepts only algorithms from the allow-list, and only the algorithm the `kid` was
+        published with; checks `typ`, issuer, expiry (with the configured skew) and, when
+        given, the audience.
+        """
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("the token is malformed") from None
+        alg, kid, typ = header.get("alg"), header.get("kid"), str(header.get("typ", "")).lower()
+        if alg not in SUPPORTED_ALGORITHMS:
+            raise InvalidToken("the token's algorithm is not accepted", log_detail=f"alg={alg!r}")
+        if typ not in _ACCEPTED_TYP[kind]:
+            raise InvalidToken("the token is not of the expected type", log_detail=f"typ={typ!r}")
+        key = self._keyring.keyset.find(str(kid), self._clock()) if kid else None
+        if key is None or key.alg != alg:
+            raise InvalidToken("the token was not signed by a current broker key")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.public_key,
+                algorithms=[key.alg],
+                audience=audience,
+                issuer=self.issuer,
+                leeway=self._skew,
+                options={"require": _REQUIRED[kind], "verify_aud": audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("the token has expired") from None
+        except jwt.InvalidAudienceError:
+            raise InvalidToken("the token is not meant for this audience") from None
+        except jwt.PyJWTError as error:
+            raise InvalidToken("the token is not valid", log_detail=type(error).__name__) from None
+        return claims

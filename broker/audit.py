@@ -1,0 +1,575 @@
+"""The audit log: hash-chained, append-only JSON lines, one file per chain, indexed in SQL.
+
+Each line is the canonical JSON (sorted keys, compact, UTF-8) of one record::
+
+    {"actor":…,"chain":"main","data":{…},"event":…,"hash":…,"outcome":…,"prev":…,"seq":7,"ts":…}
+
+where `hash` is the SHA-256 (hex) of the canonical JSON of the record without `hash`, and `prev`
+is the previous record's `hash` (64 zeros for record 1). Editing, removing or reordering a line
+breaks the chain; rewriting the whole chain disagrees with the SQL index, which `verify` also
+compares; cutting records off the end leaves the index longer than the file.
+
+The file is the record of truth and is written first (under an exclusive `flock`, fsync'd);
+the SQL row follows. If that insert fails, `append` raises but the record stands in the file,
+`verify` reports it as unindexed, and `reindex` adds the missing rows once the database is back.
+
+Records hold ids and hashes, never secrets: `append` refuses JWT-shaped strings and field names
+that suggest a token, secret, password or key (see `check_no_secrets`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from broker.errors import ServerError, UpstreamFailed
+from broker.storage import AuditIndex, Database
+
+GENESIS_HASH = "0" * 64
+
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_SECRET_WORDS = ("token", "secret", "password", "key")
+_SAFE_SUFFIXES = ("_id", "_hash", "jti", "kid")
+_FIELDS = frozenset({"seq", "ts", "event", "outcome", "actor", "chain", "prev", "data", "hash"})
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_READ_CHUNK = 1 << 16
+_INSERT_BATCH = 500
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return format_ts(value)
+    raise TypeError(
+        f"{type(value).__name__} is not JSON (audit fields: JSON values, aware datetimes)"
+    )
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialisation that is hashed and written: sorted keys, no spaces, no NaN.
+    Timezone-aware datetimes become RFC 3339 UTC strings; other non-JSON values raise
+    `TypeError`."""
+    return json.dumps(
+        value,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+        default=_json_default,
+    )
+
+
+def record_hash(body: Mapping[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of a record without its `hash` field."""
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def format_ts(ts: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, e.g. `2025-11-27T21:08:00.123456Z`."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(w in lowered for w in _SECRET_WORDS) and not lowered.endswith(_SAFE_SUFFIXES)
+
+
+def check_no_secrets(value: Any, path: str = "") -> None:
+    """Raise `ValueError` if `value` (recursively) holds a JWT-shaped string or a key whose name
+    suggests a secret (`access_token`, `client_secret`; but `token_jti`, `key_id`,
+    `secret_hash` are fine). The message names the field, never the value."""
+    if isinstance(value, str):
+        if _JWT.search(value):
+            raise ValueError(
+                f"{path or 'a value'} looks like a JWT; record its jti or a hash instead"
+            )
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            if isinstance(name, str) and _JWT.search(name):
+                raise ValueError(f"a field name in {path or 'the record'} looks like a JWT")
+            sub = f"{path}.{name}" if path else str(name)
+            if isinstance(name, str) and _is_secret_name(name):
+                raise ValueError(
+                    f"field {sub!r} names a secret; audit records hold ids and hashes only"
+                )
+            check_no_secrets(item, sub)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_no_secrets(item, f"{path}[{i}]")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit record as written to the file (`hash` covers every other field)."""
+
+    seq: int
+    ts: datetime
+    event: str
+    outcome: str
+    actor: str | None
+    chain: str
+    prev: str
+    data: dict[str, Any]
+    hash: str
+
+    def body(self) -> dict[str, Any]:
+        """The record without `hash`: what `hash` is computed over."""
+        return {
+            "seq": self.seq,
+            "ts": format_ts(self.ts),
+            "event": self.event,
+            "outcome": self.outcome,
+            "actor": self.actor,
+            "chain": self.chain,
+            "prev": self.prev,
+            "data": self.data,
+        }
+
+    def to_line(self) -> str:
+        """The canonical JSON line, without the trailing newline."""
+        return canonical_json({**self.body(), "hash": self.hash})
+
+    @classmethod
+    def from_json(cls, obj: Any) -> AuditRecord:
+        """Build a record from a parsed line; `ValueError` says what is malformed. The hash is
+        not checked here."""
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        if set(obj) != _FIELDS:
+            raise ValueError(f"fields are {sorted(obj)}, expected {sorted(_FIELDS)}")
+        seq, ts, actor = obj["seq"], obj["ts"], obj["actor"]
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise ValueError("seq is not a positive integer")
+        for name in ("event", "outcome", "chain"):
+            if not isinstance(obj[name], str):
+                raise ValueError(f"{name} is not a string")
+        if not (actor is None or isinstance(actor, str)):
+            raise ValueError("actor is not a string or null")
+        for name in ("prev", "hash"):
+            if not (isinstance(obj[name], str) and _HEX64.fullmatch(obj[name])):
+                raise ValueError(f"{name} is not a SHA-256 hex digest")
+        if not isinstance(obj["data"], dict):
+            raise ValueError("data is not an object")
+        if not isinstance(ts, str):
+            raise ValueError("ts is not a string")
+        parsed = datetime.fromisoformat(ts)  # raises ValueError itself
+        if parsed.tzinfo is None:
+            raise ValueError("ts has no timezone")
+        return cls(
+            seq=seq,
+            ts=parsed,
+            event=obj["event"],
+            outcome=obj["outcome"],
+            actor=actor,
+            chain=obj["chain"],
+            prev=obj["prev"],
+            data=obj["data"],
+            hash=obj["hash"],
+        )
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The outcome of `AuditLog.verify`: `problem` describes the first fault found, in file
+    order, and `first_bad_seq` is the earliest record it concerns."""
+
+    ok: bool
+    records: int
+    first_bad_seq: int | None = None
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One parsed line; verify drops `record.data` to keep memory small, reindex keeps it."""
+
+    number: int
+    record: AuditRecord | None
+    error: str = ""  # why `record` is None
+    hash_ok: bool = False
+    canonical: bool = False
+
+
+class AuditLog:
+    """Appends to, verifies and re-indexes one chain: the JSON-lines file at `path` plus its
+    rows in `audit_records`. Several instances, in one process or many, may share a file."""
+
+    def __init__(self, path: Path, db: Database, *, chain: str = "main") -> None:
+        if not chain:
+            raise ValueError("chain must be a non-empty name")
+        self.path = Path(path)
+        self.db = db
+        self.chain = chain
+        self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Future[AuditRecord]] = set()
+
+    async def append(
+        self, event: str, *, outcome: str, actor: str | None = None, **fields: Any
+    ) -> AuditRecord:
+        """Append one record and index it; return it.
+
+        Raises `ValueError` (nothing written) if the record would hold a secret, `TypeError` if
+        a field is not JSON; `ServerError` if the file's last line is damaged or the index
+        already holds this seq (both need an operator: run `verify`); `UpstreamFailed` if the
+        index insert fails, in which case the record is already in the file (see module doc).
+        """
+        check_no_secrets({"event": event, "outcome": outcome, "actor": actor})
+        check_no_secrets(fields)
+        # Round-trip so the returned record holds exactly what verify will read back.
+        data: dict[str, Any] = json.loads(canonical_json(fields))
+        # Shielded: a caller cancelled mid-append (a client hanging up) must not leave a record
+        # in the file without its index row.
+        task = asyncio.ensure_future(self._append(event, outcome, actor, data))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return await asyncio.shield(task)
+
+    async def flush(self) -> None:
+        """Wait until every append in flight is written and indexed, including appends whose
+        caller was cancelled; call before closing the database at shutdown."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def _append(
+        self, event: str, outcome: str, actor: str | None, data: dict[str, Any]
+    ) -> AuditRecord:
+        async with self._lock:
+            record = await asyncio.to_thread(self._write, event, outcome, actor, data)
+        await self._index(record)
+        return record
+
+    def _write(
+        self, event: str, outcome: str, actor: str | None, data: dict[str, Any]
+    ) -> AuditRecord:
+        created = not self.path.exists()
+        if created:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            # Held across read-last-line and write: another process appending to the same file
+            # must see our record before choosing its seq and prev.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            last = self._last_record(fd)
+            body = {
+                "seq": 1 if last is None else last.seq + 1,
+                "ts": format_ts(datetime.now(UTC)),
+                "event": event,
+                "outcome": outcome,
+                "actor": actor,
+                "chain": self.chain,
+                "prev": GENESIS_HASH if last is None else last.hash,
+                "data": data,
+            }
+            record = AuditRecord.from_json({**body, "hash": record_hash(body)})
+            line = (record.to_line() + "\n").encode()
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # also releases the flock
+        if created:
+            # Make the new file's directory entry durable too, or a crash could lose the file.
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return record
+
+    def _last_record(self, fd: int) -> AuditRecord | None:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        if os.pread(fd, 1, size - 1) != b"\n":
+            raise ServerError(
+                "the audit log cannot be written",
+                log_detail=f"{self.path} ends with an incomplete line; run verify, then repair",
+            )
+        # Read backwards from the final newline until the one before it.
+        pos = size - 1
+        line = b""
+        while pos > 0:
+            step = min(_READ_CHUNK, pos)
+            pos -= step
+            line = os.pread(fd, step, pos) + line
+            cut = line.rfind(b"\n")
+            if cut >= 0:
+                line = line[cut + 1 :]
+                break
+        try:
+            record = AuditRecord.from_json(json.loads(line))
+        except ValueError as exc:
+            raise ServerError(
+                "the audit log cannot be written",
+                log_detail=f"the last line of {self.path} is not a valid record ({exc})",
+            ) from None
+        if record.chain != self.chain:
+            raise ServerError(
+                "the audit log cannot be written",
+                log_detail=f"{self.path} holds chain {record.chain!r}, not {self.chain!r}",
+            )
+        return record
+
+    def _row(self, record: AuditRecord) -> AuditIndex:
+        return AuditIndex(
+            chain=record.chain,
+            seq=record.seq,
+            ts=record.ts,
+            event=record.event,
+            actor=record.actor,
+            outcome=record.outcome,
+            record_hash=record.hash,
+            prev_hash=record.prev,
+            data=record.data,
+        )
+
+    async def _index(self, record: AuditRecord) -> None:
+        where = f"audit record {record.chain}/{record.seq} is in {self.path} but not indexed"
+        try:
+            async with self.db.sessions() as session, session.begin():
+                session.add(self._row(record))
+        except IntegrityError as exc:
+            raise ServerError(
+                "the audit log cannot be written",
+                log_detail=f"{where}: the SQL index already has this seq (file truncated or "
+                f"replaced? run verify): {type(exc).__name__}",
+            ) from None
+        except Exception as exc:
+            raise UpstreamFailed(
+                "the SQL database is unreachable",
+                log_detail=f"{where} (run reindex): {type(exc).__name__}: {exc}",
+            ) from None
+
+    # --- reading back -------------------------------------------------------------------
+
+    def _scan(self, keep_data: bool = False) -> list[_Line]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return []
+        try:
+            # A shared lock only to learn how far the file reaches between two appends; reading
+            # up to there needs no lock, since appends only add after that point.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            size = os.fstat(fd).st_size
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                lines: list[_Line] = []
+                remaining = size
+                for number, raw in enumerate(f, start=1):
+                    raw = raw[:remaining]
+                    remaining -= len(raw)
+                    lines.append(self._parse(number, raw, keep_data))
+                    if remaining <= 0:
+                        break
+                return lines
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _parse(number: int, raw: bytes, keep_data: bool) -> _Line:
+        if not raw.endswith(b"\n"):
+            return _Line(number, None, "incomplete (torn write)")
+        text = raw[:-1].decode("utf-8", errors="replace")
+        try:
+            obj = json.loads(text)
+            record = AuditRecord.from_json(obj)
+        except ValueError as exc:
+            return _Line(number, None, f"not a valid audit record ({exc})")
+        body = {k: v for k, v in obj.items() if k != "hash"}
+        return _Line(
+            number,
+            record if keep_data else dataclasses.replace(record, data={}),
+            hash_ok=record_hash(body) == record.hash,
+            canonical=canonical_json(obj) == text,
+        )
+
+    async def _index_hashes(self, seqs: Iterable[int] | None = None) -> dict[int, str]:
+        query = select(AuditIndex.seq, AuditIndex.record_hash).where(AuditIndex.chain == self.chain)
+        if seqs is not None:
+            query = query.where(AuditIndex.seq.in_(list(seqs)))
+        try:
+            async with self.db.sessions() as session:
+                return {seq: h for seq, h in (await session.execute(query)).all()}
+        except Exception as exc:
+            raise UpstreamFailed(
+                "the SQL database is unreachable", log_detail=f"{type(exc).__name__}: {exc}"
+            ) from None
+
+    async def verify(self) -> AuditReport:
+        """Check the file's chain and compare it with the SQL index; report the first fault.
+
+        Detects edited records (hash mismatch or non-canonical line), missing, duplicated and
+        reordered records, broken prev-hash links, records the index disagrees with, records
+        cut off the end (the index reaches further than the file) and records the index lacks
+        (after a database outage, or added to the file by hand). Safe to run while appending.
+        Holds a small entry per record in memory (not the data): rotate to a new chain (file)
+        periodically if the log grows very large.
+        """
+        # Index first: every row it holds then has its line in the file (written first), so a
+        # concurrent append cannot look like truncation.
+        index = await self._index_hashes()
+        lines = await asyncio.to_thread(self._scan)
+        report = self._judge(lines, index)
+        if report is not None:
+            return report
+        file_last = lines[-1].record.seq if lines and lines[-1].record else 0
+        index_last = max(index, default=0)
+        if index_last > file_last:
+            where = f"the file ends at record {file_last}" if file_last else "the file is empty"
+            return AuditReport(
+                False,
+                len(lines),
+                file_last + 1,
+                f"{where} but the SQL index has {index_last} (records removed from the end)",
+            )
+        unindexed = [ln.record.seq for ln in lines if ln.record and ln.record.seq not in index]
+        if unindexed:
+            # Second look: a concurrent append may have been between its file write and its row.
+            late = await self._index_hashes(unindexed)
+            for ln in lines:
+                rec = ln.record
+                if rec is None or rec.seq not in unindexed:
+                    continue
+                if rec.seq not in late:
+                    return AuditReport(
+                        False,
+                        len(lines),
+                        rec.seq,
+                        f"record {rec.seq} is in the file but not in the SQL index (run reindex "
+                        "if the database was down; otherwise it was added to the file by hand)",
+                    )
+                if late[rec.seq] != rec.hash:
+                    return _differs(len(lines), rec.seq)
+        return AuditReport(True, len(lines))
+
+    def _judge(self, lines: list[_Line], index: Mapping[int, str]) -> AuditReport | None:
+        present = {ln.record.seq for ln in lines if ln.record}
+        count = len(lines)
+        prev: AuditRecord | None = None
+        for ln in lines:
+            expected = 1 if prev is None else prev.seq + 1
+            rec = ln.record
+            if rec is None:
+                return AuditReport(False, count, expected, f"line {ln.number} is {ln.error}")
+            if rec.chain != self.chain:
+                return AuditReport(
+                    False,
+                    count,
+                    rec.seq,
+                    f"line {ln.number} belongs to chain {rec.chain!r}, not {self.chain!r}",
+                )
+            if not ln.hash_ok:
+                return AuditReport(
+                    False, count, rec.seq, f"record {rec.seq} was changed (hash mismatch)"
+                )
+            if not ln.canonical:
+                return AuditReport(
+                    False, count, rec.seq, f"record {rec.seq} was edited (line not canonical)"
+                )
+            if rec.seq in index and index[rec.seq] != rec.hash:
+                return _differs(count, rec.seq)
+            if rec.seq != expected:
+                after = f"record {prev.seq}" if prev else "the start"
+                if rec.seq < expected or expected in present:
+                    return AuditReport(
+                        False,
+                        count,
+                        min(rec.seq, expected),
+                        f"records out of order at line {ln.number} "
+                        f"(record {rec.seq} follows {after})",
+                    )
+                gap = (
+                    f"record {expected} is missing"
+                    if rec.seq == expected + 1
+                    else f"records {expected} to {rec.seq - 1} are missing"
+                )
+                jump = (
+                    f"seq jumps from {prev.seq} to {rec.seq}"
+                    if prev
+                    else (f"the file starts at record {rec.seq}")
+                )
+                return AuditReport(False, count, expected, f"{gap} ({jump})")
+            wanted = GENESIS_HASH if prev is None else prev.hash
+            if rec.prev != wanted:
+                what = f"record {prev.seq}" if prev else "the genesis value"
+                return AuditReport(
+                    False, count, rec.seq, f"record {rec.seq} prev-hash does not match {what}"
+                )
+            prev = rec
+        return None
+
+    async def reindex(self) -> int:
+        """Add index rows for file records the index lacks; return how many were added.
+
+        Walks the file from the start and stops at the first record that does not extend a
+        valid chain (`verify` describes it). Rows already in the index are never changed or
+        removed, even where they disagree with the file: they are the evidence `verify` uses.
+        It trusts the file, so run it after a database outage, once `verify` reports only
+        unindexed records.
+        """
+        index = await self._index_hashes()
+        lines = await asyncio.to_thread(self._scan, True)
+        valid: list[AuditRecord] = []
+        prev: AuditRecord | None = None
+        for ln in lines:
+            rec = ln.record
+            if (
+                rec is None
+                or not (ln.hash_ok and ln.canonical)
+                or rec.chain != self.chain
+                or rec.seq != (1 if prev is None else prev.seq + 1)
+                or rec.prev != (GENESIS_HASH if prev is None else prev.hash)
+            ):
+                break
+            valid.append(rec)
+            prev = rec
+        missing = [self._row(r) for r in valid if r.seq not in index]
+        added = 0
+        insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
+        try:
+            for start in range(0, len(missing), _INSERT_BATCH):
+                batch = missing[start : start + _INSERT_BATCH]
+                values = [
+                    {c.key: getattr(row, c.key) for c in AuditIndex.__table__.columns}
+                    for row in batch
+                ]
+                # A concurrent append may index the same seq meanwhile; that row wins.
+                stmt = insert(AuditIndex).values(values).on_conflict_do_nothing()
+                async with self.db.sessions() as session, session.begin():
+                    await session.execute(stmt)
+                added += len(batch)
+        except Exception as exc:
+            raise UpstreamFailed(
+                "the SQL database is unreachable",
+                log_detail=f"reindex of {self.path}: {type(exc).__name__}: {exc}",
+            ) from None
+        return added
+
+    async def count_indexed(self) -> int:
+        """How many rows the SQL index holds for this chain."""
+        async with self.db.sessions() as session:
+            result = await session.execute(
+                select(func.count()).select_from(AuditIndex).where(AuditIndex.chain == self.chain)
+            )
+            return int(result.scalar_one())
+
+
+def _differs(count: int, seq: int) -> AuditReport:
+    return AuditReport(
+        False, count, seq, f"record {seq} differs from the SQL index (file or index rewritten)"
+    )

@@ -166,8 +166,9 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         return 2
     try:
         context = json.loads(args.context) if args.context else {}
+        attrs = json.loads(args.resource_attrs) if args.resource_attrs else {}
     except json.JSONDecodeError as error:
-        print(f"--context is not JSON: {error}", file=sys.stderr)
+        print(f"--context or --resource-attrs is not JSON: {error}", file=sys.stderr)
         return 2
     principal = (
         _CliPrincipal(
@@ -182,7 +183,11 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         else None
     )
     decision = engine.decide(
-        principal, args.action, Resource(type_, ident.strip('"')), context, client=args.client
+        principal,
+        args.action,
+        Resource(type_, ident.strip('"'), attrs=attrs),
+        context,
+        client=args.client,
     )
     print(describe(decision))
     return 0 if decision.allowed else 1
@@ -248,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--client", help="client id, for client-only requests")
     q.add_argument("--action", required=True)
     q.add_argument("--resource", required=True, help='e.g. Backend::"aws"')
+    q.add_argument("--resource-attrs", help='JSON object, e.g. \'{"first_party": true}\'')
     q.add_argument("--context", help="JSON object, e.g. '{\"cpu\": 1, ...}'")
     q.set_defaults(func=cmd_policy_check)
     return parser

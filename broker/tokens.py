@@ -167,13 +167,30 @@ class TokenService:
                 algorithms=[key.alg],
                 audience=audience,
                 issuer=self.issuer,
-                leeway=self._skew,
-                options={"require": _REQUIRED[kind], "verify_aud": audience is not None},
+                options={
+                    "require": _REQUIRED[kind],
+                    "verify_aud": audience is not None,
+                    # Times are checked below against this service's clock.
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise InvalidToken("the token has expired") from None
         except jwt.InvalidAudienceError:
             raise InvalidToken("the token is not meant for this audience") from None
         except jwt.PyJWTError as error:
             raise InvalidToken("the token is not valid", log_detail=type(error).__name__) from None
+        self._check_times(claims)
         return claims
+
+    def _check_times(self, claims: Mapping[str, Any]) -> None:
+        now = self._clock()
+        try:
+            exp, iat = float(claims["exp"]), float(claims["iat"])
+            nbf = float(claims.get("nbf", iat))
+        except (TypeError, ValueError):
+            raise InvalidToken("the token's times are not numbers") from None
+        if now >= exp + self._skew:
+            raise InvalidToken("the token has expired")
+        if iat > now + self._skew or nbf > now + self._skew:
+            raise InvalidToken("the token is not valid yet")

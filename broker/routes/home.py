@@ -67,7 +67,9 @@ async def dev_token(request: web.Request) -> web.Response:
     if session is None or form.get("csrf") != session.csrf:
         raise InvalidRequest("Sign in first, then use the button on the start page.")
     principal = session.principal
-    decision = svc.policy.decide(principal, "exchange", Resource("Client", DEV_CLIENT))
+    decision = svc.policy.decide(
+        principal, "exchange", Resource("Client", DEV_CLIENT, attrs={"first_party": True})
+    )
     if not decision.allowed:
         svc.metrics.denials.labels(action="exchange").inc()
         await svc.audit.append(

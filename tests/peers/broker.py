@@ -12,6 +12,7 @@ HTTP client that checks every response against `openapi.yaml`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,3 +159,21 @@ class ContractClient:
 async def client(broker: Services) -> AsyncIterator[ContractClient]:
     async with TestClient(TestServer(app_with_services(broker))) as raw:
         yield ContractClient(raw)
+
+
+async def sign_in(
+    client: ContractClient, username: str, groups: tuple[str, ...] = (), next_url: str = "/"
+) -> Checked:
+    """Sign in through the dev upstream as a browser would; returns the callback response."""
+    page = await client.get("/login", params={"next": next_url}, headers={"Accept": "text/html"})
+    assert page.status == 200, page.text
+    flow = re.search(r'name="flow" value="([^"]+)"', page.text)
+    assert flow is not None
+    form: dict[str, Any] = {"flow": flow.group(1), "username": username}
+    data = [(k, v) for k, v in form.items()] + [("groups", g) for g in groups]
+    async with client.raw.post(
+        "/login/dev/callback", data=data, allow_redirects=False, headers={"Accept": "text/html"}
+    ) as response:
+        body = await response.read()
+        cookies = {k: v.value for k, v in response.cookies.items()}
+        return Checked(response.status, CIMultiDict(response.headers), body, cookies)

@@ -62,6 +62,7 @@ class Services:
 
     async def close(self) -> None:
         await self.keyring.close()
+        await self.audit.flush()  # appends in flight must reach SQL before it closes
         await self.vault.close()
         await self.cache.close()
         await self.db.close()

@@ -347,18 +347,17 @@ class Settings(_Model):
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     backends: list[BackendConfig] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique_ids(self) -> Settings:
-        problems = []
-        for family, items in (("upstreams", self.upstreams), ("backends", self.backends)):
-            seen: set[str] = set()
-            for item in items:
-                if item.id in seen:
-                    problems.append(f"{family}: two entries share the id {item.id!r}")
-                seen.add(item.id)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    @field_validator("upstreams", "backends")
+    @classmethod
+    def _unique_ids(cls, items: list[Any], info: ValidationInfo) -> list[Any]:
+        # A field validator (not a model one) so duplicates are reported alongside any
+        # other problem in the file.
+        seen: set[str] = set()
+        for item in items:
+            if item.id in seen:
+                raise ValueError(f"two entries share the id {item.id!r}")
+            seen.add(item.id)
+        return items
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -411,7 +410,7 @@ def secret_reference_problems(settings: Settings) -> list[str]:
     for path, ref in iter_secret_refs(settings):
         if isinstance(ref, EnvRef) and ref.env not in os.environ:
             problems.append(f"{path}: environment variable {ref.env} is not set")
-        elif isinstance(ref, FileRef) and not os.access(ref.file, os.R_OK):
+        elif isinstance(ref, FileRef) and not (ref.file.is_file() and os.access(ref.file, os.R_OK)):
             problems.append(f"{path}: file {ref.file} cannot be read")
     return problems
 
@@ -448,6 +447,12 @@ def load_settings(path: Path, *, mode: str = "production", check_refs: bool = Tr
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SettingsError(str(path), [f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise SettingsError(str(path), [f"{path}: is a directory, not a settings file"]) from None
+    except UnicodeDecodeError:
+        raise SettingsError(str(path), [f"{path}: not UTF-8 text"]) from None
+    except OSError as error:
+        raise SettingsError(str(path), [f"{path}: cannot be read ({error.strerror})"]) from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsError(str(path), [f"TOML syntax: {error}"]) from None
     try:

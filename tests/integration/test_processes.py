@@ -113,8 +113,14 @@ def served_config(tmp_path: Path, fresh_openbao: DevVault) -> Iterator[Path]:
     secret.chmod(0o600)
     config = {
         "server": {"public_url": "http://127.0.0.1:8080"},
-        "vault": {"address": fresh_openbao.address,
-                  "auth": {"method": "approle", "role_id": auth.role_id, "secret_id": {"file": str(secret)}}},
+        "vault": {
+            "address": fresh_openbao.address,
+            "auth": {
+                "method": "approle",
+                "role_id": auth.role_id,
+                "secret_id": {"file": str(secret)},
+            },
+        },
         "database": {"url": f"sqlite:///{tmp_path / 'broker.db'}"},
         "audit": {"path": str(tmp_path / "audit.log")},
         "keys": {"refresh_interval": 1, "jwks_max_age": 60},

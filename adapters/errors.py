@@ -23,6 +23,7 @@ class BrokerError(Exception):
         super().__init__(description or self.title)
         self.description = description or self.title
         self.log_detail = log_detail
+        self.headers: dict[str, str] = {}  # extra response headers, e.g. Allow
 
 
 class InvalidRequest(BrokerError):

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from broker.errors import BrokerError
@@ -109,6 +110,10 @@ async def _with_services(settings: Settings, action: str) -> int:
     finally:
         await svc.close()
     return 0
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -253,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--client", help="client id, for client-only requests")
     q.add_argument("--action", required=True)
     q.add_argument("--resource", required=True, help='e.g. Backend::"aws"')
-    q.add_argument("--resource-attrs", help='JSON object, e.g. \'{"first_party": true}\'')
+    q.add_argument("--resource-attrs", help="JSON object, e.g. '{\"first_party\": true}'")
     q.add_argument("--context", help="JSON object, e.g. '{\"cpu\": 1, ...}'")
     q.set_defaults(func=cmd_policy_check)
     return parser

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import tomli_w
@@ -81,7 +83,15 @@ def _prepare_state(state: Path) -> Path:
     return state
 
 
+def _cli_name() -> str:
+    """How the user can call this same `broker` (the venv's may not be on PATH)."""
+    ours = Path(sys.executable).with_name("broker")
+    found = shutil.which("broker")
+    return "broker" if found and Path(found).resolve() == ours.resolve() else str(ours)
+
+
 def _banner(base: str, vault: DevVault, settings_path: Path) -> str:
+    cli = _cli_name()
     return f"""
 binder-broker dev is running. DEVELOPMENT MODE: sign-in checks no password.
 
@@ -96,8 +106,8 @@ binder-broker dev is running. DEVELOPMENT MODE: sign-in checks no password.
 Try:
   curl -s {base}/.well-known/openid-configuration
   curl -s {base}/jwks.json
-  broker keys rotate --config {settings_path}
-  broker audit verify --config {settings_path}
+  {cli} keys rotate --config {settings_path}
+  {cli} audit verify --config {settings_path}
 
 Sign in at {base}/login, then press "Mint a test access token" on the start page.
 Press Ctrl-C to stop (OpenBao stops too).

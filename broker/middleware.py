@@ -111,7 +111,10 @@ def build_middlewares(
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                raise _from_http_exception(exc) from None
+                error = _from_http_exception(exc)
+                if "Allow" in exc.headers:
+                    error.headers["Allow"] = exc.headers["Allow"]
+                raise error from None
         except BrokerError as error:
             log.info(
                 "request.error",
@@ -120,6 +123,7 @@ def build_middlewares(
                 detail=error.log_detail or error.description,
             )
             response = error_response(request, error)
+            response.headers.update(error.headers)
         except web.HTTPException as redirect:
             response = redirect
         except Exception:

@@ -120,11 +120,22 @@ async def _session_key(vault: VaultClient, prefix: str) -> bytes:
 
 
 async def start_services(
-    settings: Settings, *, dev_mode: bool, vault_auth: TokenAuth | AppRoleAuth | None = None
+    settings: Settings,
+    *,
+    dev_mode: bool,
+    vault_auth: TokenAuth | AppRoleAuth | None = None,
+    with_upstreams: bool = True,
 ) -> Services:
-    """Connect to every peer and load state. Raises a BrokerError naming what failed."""
+    """Connect to every peer and load state. Raises a BrokerError naming what failed.
+
+    Operator commands (`broker keys …`) pass `with_upstreams=False`: they sign nobody in.
+    """
     policy = load_policies(settings)
-    upstreams = {u.id: build_upstream(u, dev_mode=dev_mode) for u in settings.upstreams}
+    upstreams = (
+        {u.id: build_upstream(u, dev_mode=dev_mode) for u in settings.upstreams}
+        if with_upstreams
+        else {}
+    )
     v = settings.vault
     if vault_auth is None:
         if isinstance(v.auth, AppRoleAuthSettings):

@@ -100,7 +100,7 @@ async def dev_token(request: web.Request) -> web.Response:
         "python - <<'EOF'\nimport jwt\n"
         f'jwks = jwt.PyJWKClient("{issuer}/jwks.json")\n'
         'token = "PASTE_THE_TOKEN"\n'
-        "key = jwt.PyJWKClient.get_signing_key_from_jwt(jwks, token)\n"
+        "key = jwks.get_signing_key_from_jwt(token)\n"
         f'print(jwt.decode(token, key, algorithms=["ES256", "RS256"], audience="{DEV_AUDIENCE}", '
         f'issuer="{issuer}"))\nEOF'
     )

@@ -16,7 +16,8 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from adapters.base import Upstream
+from adapters.base import Backend, Upstream
+from adapters.downstream.secrets import VaultSecretBackend
 from adapters.errors import ConfigurationError, Conflict
 from adapters.upstream.dev import DevUpstream
 from adapters.vault import AppRoleAuth, TokenAuth, VaultClient
@@ -27,6 +28,7 @@ from broker.metrics import Metrics
 from broker.sessions import SessionStore
 from broker.settings import (
     AppRoleAuthSettings,
+    BackendConfig,
     DevUpstreamConfig,
     EnvRef,
     FileRef,
@@ -34,10 +36,11 @@ from broker.settings import (
     Settings,
     UpstreamConfig,
     VaultRef,
+    VaultSecretBackendConfig,
 )
 from broker.storage import Database
 from broker.tokens import TokenService
-from policies.engine import PolicyEngine, PolicyError
+from policies.engine import PolicyEngine, PolicyError, Resource
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +62,7 @@ class Services:
     sessions: SessionStore
     metrics: Metrics
     upstreams: dict[str, Upstream] = field(default_factory=dict)
+    backends: dict[str, Backend] = field(default_factory=dict)
 
     async def close(self) -> None:
         await self.keyring.close()
@@ -70,9 +74,13 @@ class Services:
 
 
 def load_policies(settings: Settings) -> PolicyEngine:
-    """The policy engine, or ConfigurationError with the Cedar parser's message."""
+    """The policy engine over the configured IdPs and backends (parsed once), or
+    ConfigurationError with the Cedar parser's message."""
+    entities = [Resource("Idp", u.id) for u in settings.upstreams] + [
+        Resource("Backend", b.id, attrs={"kind": b.type}) for b in settings.backends
+    ]
     try:
-        return PolicyEngine.load(settings.policy.directory)
+        return PolicyEngine.load(settings.policy.directory, entities=entities)
     except PolicyError as error:
         raise ConfigurationError(f"the Cedar policies cannot be loaded: {error}") from None
 
@@ -102,6 +110,14 @@ def build_upstream(config: UpstreamConfig, *, dev_mode: bool) -> Upstream:
     if isinstance(config, DevUpstreamConfig):
         return DevUpstream(config.id, config.display_name, config.groups, dev_mode=dev_mode)
     raise ConfigurationError(f"no adapter for upstream type {config.type!r}")
+
+
+def build_backend(config: BackendConfig, *, vault: VaultClient, prefix: str) -> Backend:
+    if isinstance(config, VaultSecretBackendConfig):
+        return VaultSecretBackend(
+            config.id, vault=vault, prefix=prefix, name=config.name, max_ttl=config.max_ttl
+        )
+    raise ConfigurationError(f"no adapter for backend type {config.type!r}")
 
 
 async def _session_key(vault: VaultClient, prefix: str) -> bytes:
@@ -217,4 +233,5 @@ async def start_services(
         sessions=sessions,
         metrics=metrics,
         upstreams=upstreams,
+        backends={b.id: build_backend(b, vault=vault, prefix=v.prefix) for b in settings.backends},
     )

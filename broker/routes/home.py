@@ -13,7 +13,7 @@ from aiohttp import web
 
 from broker.errors import AccessDenied, InvalidRequest, InvalidToken, NotFound
 from broker.pages import esc, render
-from broker.routes.login import current_session
+from broker.routes.login import current_session, read_form
 from broker.state import services
 from policies.engine import Resource
 
@@ -63,7 +63,7 @@ async def dev_token(request: web.Request) -> web.Response:
     if not svc.dev_mode:
         raise NotFound("There is nothing at this address.")
     session = await current_session(request)
-    form = await request.post()
+    form = await read_form(request)
     if session is None or form.get("csrf") != session.csrf:
         raise InvalidRequest("Sign in first, then use the button on the start page.")
     principal = session.principal

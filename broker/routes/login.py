@@ -26,7 +26,17 @@ _LOCAL_PATH = re.compile(r"^/(?![/\\])[^\s\\]*$")
 
 def safe_next(value: str | None) -> str:
     """`value` if it is a path on this broker, else "/"."""
-    return value if value and _LOCAL_PATH.match(value) else "/"
+    return value if value and _LOCAL_PATH.fullmatch(value) else "/"
+
+
+async def read_form(request: web.Request) -> Mapping[str, object]:
+    """The POSTed form; a body that cannot be decoded is the client's error, not ours."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError) as error:  # UnicodeDecodeError is a ValueError
+        raise InvalidRequest(
+            "The form could not be read.", log_detail=type(error).__name__
+        ) from None
 
 
 def set_cookie(
@@ -132,7 +142,7 @@ def _local_form(flow: LoginFlow, form: LocalForm) -> str:
 async def _params(request: web.Request) -> dict[str, str]:
     """Callback parameters: query and form; repeated fields joined with spaces."""
     merged: dict[str, list[str]] = {}
-    form = await request.post() if request.method == "POST" else {}
+    form = await read_form(request) if request.method == "POST" else {}
     for source in (request.query, form):
         for key, value in source.items():
             if isinstance(value, str):
@@ -185,7 +195,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     svc = services(request)
     session = await current_session(request)
     if session is not None:
-        form = await request.post()
+        form = await read_form(request)
         if form.get("csrf") != session.csrf:
             raise InvalidRequest("The sign-out form has expired; reload the page and try again.")
         await svc.sessions.end(session)

@@ -161,17 +161,13 @@ def test_toml_syntax_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert len(lines) == 2 and lines[1].startswith("  - TOML syntax: ") and "line 2" in lines[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: broker/settings.py load_settings lets IsADirectoryError escape, so "
-        "`broker check-config DIR` dies with a traceback instead of printing a problem, exit 1"
-    ),
-)
 def test_directory_instead_of_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, lines = run(capsys, str(tmp_path))
     assert code == 1
-    assert str(tmp_path) in lines[0]
+    assert lines == [
+        f"{tmp_path}: 1 problem(s):",
+        f"  - {tmp_path}: is a directory, not a settings file",
+    ]
 
 
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,7 +85,8 @@ class DevVault:
         port = _free_loopback_port()
         address = f"http://127.0.0.1:{port}"
         # The dev server writes its root token to $HOME/.vault-token; keep it out of the user's.
-        env = {**os.environ, "HOME": str(temp_dir)}
+        # The token goes in the environment, not argv, so `ps` does not show it.
+        env = {**os.environ, "HOME": str(temp_dir), "BAO_DEV_ROOT_TOKEN_ID": root_token}
         with log_file.open("ab") as out:
             # Popen runs on the event-loop thread on purpose: PR_SET_PDEATHSIG fires when the
             # *thread* that forked exits, so forking from a worker thread would kill the
@@ -95,7 +96,6 @@ class DevVault:
                     binary,
                     "server",
                     "-dev",
-                    f"-dev-root-token-id={root_token}",
                     f"-dev-listen-address=127.0.0.1:{port}",
                 ],
                 stdin=subprocess.DEVNULL,

@@ -494,7 +494,8 @@ def test_missing_bao_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_pa
 async def test_devvault_start_failure_shows_log_tail_without_secrets(tmp_path: Path) -> None:
     fake = tmp_path / "bao"
     fake.write_text(
-        '#!/bin/sh\necho "Unseal Key: UNSEAL-SECRET"\necho "Root Token: $3"\n'
+        '#!/bin/sh\necho "Unseal Key: UNSEAL-SECRET"\necho "Root Token: $BAO_DEV_ROOT_TOKEN_ID"\n'
+        'echo "dev token was $BAO_DEV_ROOT_TOKEN_ID"\necho "args: $*"\n'
         'echo "listen tcp: address already in use"\nexit 3\n'
     )
     fake.chmod(0o755)
@@ -504,4 +505,5 @@ async def test_devvault_start_failure_shows_log_tail_without_secrets(tmp_path: P
     assert "exited with code 3" in message
     assert "address already in use" in message
     assert "UNSEAL-SECRET" not in message
-    assert "-dev-root-token-id=<root token>" in message
+    assert "dev token was <root token>" in message  # the token itself is redacted
+    assert "dev-root-token-id" not in message  # and it never was on the command line

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import jwt
 
 from adapters.errors import InvalidRequest, InvalidToken
-from broker.keyring import SUPPORTED_ALGORITHMS, KeyRing
+from broker.keyring import SUPPORTED_ALGORITHMS, KeyRing, SigningKey
 
 TokenKind = Literal["access", "id"]
 _TYP = {"access": "at+jwt", "id": "JWT"}
@@ -128,7 +128,7 @@ class TokenService:
         )
 
     async def _sign_remotely(
-        self, claims: Mapping[str, Any], header: Mapping[str, Any], key: Any
+        self, claims: Mapping[str, Any], header: Mapping[str, Any], key: SigningKey
     ) -> str:
         b64 = jwt.utils.base64url_encode
         signing_input = (

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -209,7 +208,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/login", chooser, name="login")
     app.router.add_route("*", "/login/{idp}/callback", callback, name="login_callback")
     app.router.add_post("/logout", logout, name="logout")
-
-
-def now() -> int:
-    return int(time.time())

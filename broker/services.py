@@ -25,6 +25,8 @@ from broker.audit import AuditLog
 from broker.cache import Cache, cache_from_url
 from broker.keyring import KeyRing, SigningKey
 from broker.metrics import Metrics
+from broker.oauth.clients import ClientRegistry
+from broker.oauth.refresh import RefreshStore
 from broker.sessions import SessionStore
 from broker.settings import (
     AppRoleAuthSettings,
@@ -46,6 +48,14 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass
+class OAuthState:
+    """The authorization server's own collaborators."""
+
+    clients: ClientRegistry
+    refresh: RefreshStore
+
+
+@dataclass
 class Services:
     """The broker's collaborators, shared by every request handler."""
 
@@ -61,6 +71,7 @@ class Services:
     tokens: TokenService
     sessions: SessionStore
     metrics: Metrics
+    oauth: OAuthState
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     backends: dict[str, Backend] = field(default_factory=dict)
 
@@ -213,6 +224,15 @@ async def start_services(
         sessions = SessionStore(
             cache, await _session_key(vault, v.prefix), settings.server.session_ttl
         )
+        oauth = OAuthState(
+            clients=ClientRegistry(
+                settings.clients, db=db, cache=cache, http=http,
+                issuer=settings.server.public_url,
+                token_endpoint=f"{settings.server.public_url}/oauth/token",
+                clock_skew=settings.tokens.clock_skew, cli_client=settings.oauth.cli_client,
+            ),
+            refresh=RefreshStore(db, settings.oauth.refresh_token_ttl),
+        )  # fmt: skip
     except BaseException:
         await vault.close()
         await cache.close()
@@ -232,6 +252,7 @@ async def start_services(
         tokens=tokens,
         sessions=sessions,
         metrics=metrics,
+        oauth=oauth,
         upstreams=upstreams,
         backends={b.id: build_backend(b, vault=vault, prefix=v.prefix) for b in settings.backends},
     )

@@ -136,6 +136,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_issuer_url(value: str) -> str:
+    """An issuer identifier: absolute, https unless loopback, no query or fragment."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValueError("an issuer URL has no query or fragment (RFC 8414 §2)")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must use https unless the host is loopback")
+    return value.rstrip("/")
+
+
 class ServerSettings(_Model):
     """Where the broker listens and the public URL it is reached at (its issuer)."""
 
@@ -149,14 +161,7 @@ class ServerSettings(_Model):
     @field_validator("public_url")
     @classmethod
     def _issuer_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an absolute http(s) URL")
-        if parts.query or parts.fragment:
-            raise ValueError("an issuer URL has no query or fragment (RFC 8414 §2)")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise ValueError("must use https unless the host is loopback")
-        return value.rstrip("/")
+        return check_issuer_url(value)
 
 
 def _not_from_vault(value: SecretValue) -> SecretValue:
@@ -334,6 +339,104 @@ BackendConfig = Annotated[
 ]
 
 
+GrantType = Literal[
+    "authorization_code",
+    "refresh_token",
+    "client_credentials",
+    "urn:ietf:params:oauth:grant-type:token-exchange",
+    "urn:ietf:params:oauth:grant-type:device_code",
+]
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+SECRET_HASH_PREFIX = "scrypt$"
+_DEFAULT_GRANTS: tuple[GrantType, ...] = ("authorization_code", "refresh_token")
+
+
+def _check_redirect_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.fragment or "#" in uri:
+        raise ValueError(f"{uri!r}: a redirect URI has no fragment (RFC 6749 §3.1.2)")
+    if parts.scheme == "https" and parts.hostname:
+        return uri
+    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+        return uri
+    raise ValueError(f"{uri!r}: must be https, or http on a loopback address")
+
+
+class ClientConfig(_Model):
+    """An OAuth client (a launcher, a peer deployment, the CLI), registered in settings."""
+
+    client_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    name: str = ""
+    auth_method: AuthMethod = "client_secret_basic"
+    secret_hash: SecretStr | None = Field(
+        default=None, description="from `broker clients hash-secret`; never the secret itself"
+    )
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = None
+    redirect_uris: list[str] = Field(default_factory=list)
+    grant_types: list[GrantType] = Field(default_factory=lambda: list(_DEFAULT_GRANTS))
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email", "groups"])
+    audiences: list[str] = Field(default_factory=list)
+    first_party: bool = False
+    require_dpop: bool = False
+
+    @field_validator("redirect_uris")
+    @classmethod
+    def _redirects(cls, uris: list[str]) -> list[str]:
+        return [_check_redirect_uri(u) for u in uris]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClientConfig:
+        problems = []
+        secret = self.auth_method in ("client_secret_basic", "client_secret_post")
+        if secret and (
+            self.secret_hash is None
+            or not self.secret_hash.get_secret_value().startswith(SECRET_HASH_PREFIX)
+        ):
+            problems.append(
+                "secret_hash is required for this auth_method: run `broker clients hash-secret`"
+            )
+        if not secret and self.secret_hash is not None:
+            problems.append("secret_hash is only for client_secret_basic / client_secret_post")
+        if self.auth_method == "private_key_jwt" and (self.jwks is None) == (self.jwks_uri is None):
+            problems.append("private_key_jwt needs exactly one of jwks or jwks_uri")
+        if self.auth_method == "none" and "client_credentials" in self.grant_types:
+            problems.append("a public client (auth_method none) cannot use client_credentials")
+        if "authorization_code" in self.grant_types and not self.redirect_uris:
+            problems.append("authorization_code needs at least one redirect_uri")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+PeerAlgorithm = Literal["ES256", "RS256", "ES384", "PS256", "EdDSA"]
+_PEER_DEFAULT_ALGS: tuple[PeerAlgorithm, ...] = ("ES256", "RS256")
+
+
+class TrustedIssuerConfig(_Model):
+    """A peer (e.g. another binder deployment) whose tokens may be exchanged here (RFC 8693)."""
+
+    issuer: str
+    audience: str = Field(description="the aud its tokens must carry to be accepted here")
+    algorithms: list[PeerAlgorithm] = Field(default_factory=lambda: list(_PEER_DEFAULT_ALGS))
+    jwks_uri: str | None = Field(default=None, description="skips discovery when set")
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        return check_issuer_url(value)
+
+
+class OAuthSettings(_Model):
+    code_ttl: Duration = Field(default=60, le=60)
+    refresh_token_ttl: Duration = 30 * 86400
+    device_code_ttl: Duration = 600
+    device_poll_interval: Duration = Field(default=5, ge=1)
+    dpop_iat_window: Duration = 300
+    dpop_require_nonce: bool = False
+    cli_client: bool = Field(default=True, description="register the public client broker-cli")
+
+
 class Settings(_Model):
     server: ServerSettings
     vault: VaultSettings
@@ -344,8 +447,21 @@ class Settings(_Model):
     policy: PolicySettings = PolicySettings()
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
+    oauth: OAuthSettings = OAuthSettings()
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     backends: list[BackendConfig] = Field(default_factory=list)
+    clients: list[ClientConfig] = Field(default_factory=list)
+    trusted_issuers: list[TrustedIssuerConfig] = Field(default_factory=list)
+
+    @field_validator("clients")
+    @classmethod
+    def _unique_clients(cls, items: list[ClientConfig]) -> list[ClientConfig]:
+        seen: set[str] = set()
+        for item in items:
+            if item.client_id in seen:
+                raise ValueError(f"two clients share the client_id {item.client_id!r}")
+            seen.add(item.client_id)
+        return items
 
     @field_validator("upstreams", "backends")
     @classmethod

@@ -14,7 +14,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, BigInteger, DateTime, Index, MetaData, String, event, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    MetaData,
+    String,
+    event,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError
@@ -127,6 +137,55 @@ class AuditIndex(Base):
     record_hash: Mapped[str] = mapped_column(String)
     prev_hash: Mapped[str] = mapped_column(String)
     data: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+
+
+class OAuthClientRecord(Base):
+    """An OAuth client registered through the admin API (settings clients are not stored)."""
+
+    __tablename__ = "oauth_clients"
+
+    client_id: Mapped[str] = mapped_column(String, primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_by: Mapped[str] = mapped_column(String)
+
+
+class RefreshTokenRecord(Base):
+    """One refresh token, by the SHA-256 of its value. Rotation links tokens in a family."""
+
+    __tablename__ = "refresh_tokens"
+    __table_args__ = (Index("ix_refresh_tokens_family", "family_id"),)
+
+    token_hash: Mapped[str] = mapped_column(String, primary_key=True)
+    family_id: Mapped[str] = mapped_column(String)
+    client_id: Mapped[str] = mapped_column(String)
+    subject: Mapped[str] = mapped_column(String)
+    grant: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ConsentRecord(Base):
+    """Scopes a user let a (third-party) client have; revocable from the consents page."""
+
+    __tablename__ = "consents"
+
+    principal_id: Mapped[str] = mapped_column(String, primary_key=True)
+    client_id: Mapped[str] = mapped_column(String, primary_key=True)
+    scopes: Mapped[list[str]] = mapped_column(JsonDocument)
+    granted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PrincipalRecord(Base):
+    """The last known profile of a principal (for userinfo); no upstream tokens."""
+
+    __tablename__ = "principals"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -1,0 +1,42 @@
+"""Strict parsing of OAuth form bodies (RFC 6749 §3.1, §3.2).
+
+Only `application/x-www-form-urlencoded`; a parameter given twice is an error; a parameter
+sent without a value counts as absent.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from broker.errors import InvalidRequest
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("the body is not a valid UTF-8 form") from None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        if key in form:
+            raise InvalidRequest(f"the parameter {key!r} is given more than once")
+        if value != "":
+            form[key] = value
+        else:
+            form.setdefault(key, "")
+    return {k: v for k, v in form.items() if v != ""}
+
+
+async def read_oauth_form(request: web.Request) -> dict[str, str]:
+    """The request's form parameters; raises InvalidRequest for anything else."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise InvalidRequest("send the parameters as application/x-www-form-urlencoded")
+    return parse_form(await request.read())
+
+
+def query_params(request: web.Request) -> dict[str, str]:
+    """Query parameters with the same rules as forms (for GET /oauth/authorize)."""
+    return parse_form(request.query_string.encode())

@@ -33,6 +33,8 @@ log = structlog.get_logger("broker.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+# The authorization endpoint is visited by browsers although it lives under /oauth/.
+_BROWSER_PREFIXES = ("/oauth/authorize",)
 _API_PREFIXES = (
     "/v1/",
     "/oauth/",
@@ -49,6 +51,8 @@ class MethodNotAllowed(BrokerError):
 
 
 def _is_api(request: web.Request) -> bool:
+    if request.path.startswith(_BROWSER_PREFIXES):
+        return False
     if request.path.startswith(_API_PREFIXES):
         return True
     return "text/html" not in request.headers.get("Accept", "")

@@ -110,6 +110,19 @@ class RefreshStore:
             )
         return int(getattr(result, "rowcount", 0))
 
+    async def revoke_for(self, client_id: str, subject: str) -> int:
+        """Revoke every refresh token `client_id` holds for `subject` (consent withdrawn)."""
+        async with self._db.sessions() as session, session.begin():
+            result = await session.execute(
+                update(RefreshTokenRecord)
+                .where(
+                    RefreshTokenRecord.client_id == client_id,
+                    RefreshTokenRecord.subject == subject,
+                )
+                .values(revoked=True)
+            )
+        return int(getattr(result, "rowcount", 0))
+
     async def family_active(self, family_id: str) -> bool:
         async with self._db.sessions() as session:
             rows = await session.execute(

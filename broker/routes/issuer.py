@@ -1,7 +1,8 @@
 """The issuer surface: OpenID Provider / OAuth AS metadata and the JWKS.
 
-The metadata lists exactly what this broker serves today; endpoints are added here as they
-are built, never advertised ahead of time.
+The metadata is derived from what this application really serves (its routes and registered
+grant types), so it lists exactly what is supported and nothing ahead of time. Both documents
+are served from pre-serialised bytes.
 """
 
 from __future__ import annotations
@@ -13,23 +14,57 @@ from typing import Any
 from aiohttp import web
 
 from broker.keyring import SUPPORTED_ALGORITHMS
+from broker.oauth.clients import ASSERTION_ALGORITHMS
+from broker.oauth.dpop import PROOF_ALGORITHMS
+from broker.oauth.token import GRANTS
 from broker.state import services
 
 METADATA_MAX_AGE = 3600
+_METADATA: web.AppKey[dict[str, bytes]] = web.AppKey("provider_metadata", dict)
+_CLIENT_AUTH = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+_ENDPOINTS = {
+    "authorization_endpoint": "/oauth/authorize",
+    "token_endpoint": "/oauth/token",
+    "device_authorization_endpoint": "/oauth/device_authorization",
+    "introspection_endpoint": "/oauth/introspect",
+    "revocation_endpoint": "/oauth/revoke",
+    "userinfo_endpoint": "/oauth/userinfo",
+}
 
 
-def provider_metadata(issuer: str) -> dict[str, Any]:
-    """RFC 8414 / OpenID Connect Discovery 1.0 metadata for what exists now."""
-    return {
-        "issuer": issuer,
-        "jwks_uri": f"{issuer}/jwks.json",
-        "response_types_supported": [],
-        "grant_types_supported": [],
-        "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": list(SUPPORTED_ALGORITHMS),
-        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "acr", "jti"],
-        "service_documentation": f"{issuer}/",
-    }
+def provider_metadata(issuer: str, served_paths: set[str], scopes: set[str]) -> dict[str, Any]:
+    """RFC 8414 / OpenID Connect Discovery 1.0 metadata for what `served_paths` offers."""
+    meta: dict[str, Any] = {"issuer": issuer}
+    for name, path in _ENDPOINTS.items():
+        if path in served_paths:
+            meta[name] = f"{issuer}{path}"
+    meta["jwks_uri"] = f"{issuer}/jwks.json"
+    has_authorize = "authorization_endpoint" in meta
+    meta["response_types_supported"] = ["code"] if has_authorize else []
+    if has_authorize:
+        meta["response_modes_supported"] = ["query"]
+        meta["code_challenge_methods_supported"] = ["S256"]
+        meta["prompt_values_supported"] = ["none", "login", "consent"]
+        meta["authorization_response_iss_parameter_supported"] = True
+        meta["request_parameter_supported"] = False
+        meta["request_uri_parameter_supported"] = False
+    meta["grant_types_supported"] = sorted(GRANTS) if "token_endpoint" in meta else []
+    meta["subject_types_supported"] = ["public"]
+    meta["id_token_signing_alg_values_supported"] = list(SUPPORTED_ALGORITHMS)
+    if "token_endpoint" in meta:
+        meta["token_endpoint_auth_methods_supported"] = _CLIENT_AUTH
+        meta["token_endpoint_auth_signing_alg_values_supported"] = ASSERTION_ALGORITHMS
+        meta["dpop_signing_alg_values_supported"] = PROOF_ALGORITHMS
+    for endpoint in ("introspection", "revocation"):
+        if f"{endpoint}_endpoint" in meta:
+            meta[f"{endpoint}_endpoint_auth_methods_supported"] = _CLIENT_AUTH[:3]
+    meta["scopes_supported"] = sorted(scopes)
+    meta["claims_supported"] = [
+        "iss", "sub", "aud", "exp", "iat", "auth_time", "acr", "jti", "nonce", "azp",
+        "name", "preferred_username", "email", "groups",
+    ]  # fmt: skip
+    meta["service_documentation"] = f"{issuer}/"
+    return meta
 
 
 def _cached_json(request: web.Request, body: bytes, max_age: int) -> web.Response:
@@ -41,8 +76,16 @@ def _cached_json(request: web.Request, body: bytes, max_age: int) -> web.Respons
 
 
 async def discovery(request: web.Request) -> web.Response:
-    issuer = services(request).settings.server.public_url
-    body = json.dumps(provider_metadata(issuer), separators=(",", ":")).encode()
+    cache = request.app[_METADATA]
+    body = cache.get("body")
+    if body is None:
+        svc = services(request)
+        paths = {r.canonical for r in request.app.router.resources()}
+        scopes = {"openid", "profile", "email", "groups", "offline_access"}
+        scopes.update(s for c in svc.settings.clients for s in c.scopes)
+        meta = provider_metadata(svc.settings.server.public_url, paths, scopes)
+        body = json.dumps(meta, separators=(",", ":")).encode()
+        cache["body"] = body
     return _cached_json(request, body, METADATA_MAX_AGE)
 
 
@@ -52,6 +95,7 @@ async def jwks(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[_METADATA] = {}  # filled on first request, once every route is registered
     app.router.add_get("/.well-known/openid-configuration", discovery, name="openid_configuration")
     app.router.add_get(
         "/.well-known/oauth-authorization-server", discovery, name="oauth_authorization_server"

@@ -24,8 +24,15 @@ async def test_discovery_documents(client: ContractClient, path: str) -> None:
     assert meta["issuer"] == ISSUER
     assert meta["jwks_uri"] == f"{ISSUER}/jwks.json"
     assert meta["id_token_signing_alg_values_supported"] == ["ES256", "RS256"]
-    # Nothing is advertised that is not served yet.
-    assert "token_endpoint" not in meta and "authorization_endpoint" not in meta
+    # Every advertised endpoint is served, and nothing weaker than S256 is offered.
+    assert meta["token_endpoint"] == f"{ISSUER}/oauth/token"
+    assert meta["authorization_endpoint"] == f"{ISSUER}/oauth/authorize"
+    assert meta["code_challenge_methods_supported"] == ["S256"]
+    assert meta["response_types_supported"] == ["code"]
+    assert "implicit" not in meta["grant_types_supported"]
+    assert {"authorization_code", "refresh_token", "client_credentials"} <= set(
+        meta["grant_types_supported"]
+    )
 
 
 async def test_jwks_is_cacheable_and_public_only(client: ContractClient) -> None:

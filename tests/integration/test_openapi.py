@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import app_with_services
 from broker.services import Services
-from tests.peers.broker import SPEC_PATH, openapi
+from tests.peers.broker import SPEC_PATH, ContractClient, openapi
 
 
 def _served(services: Services) -> set[tuple[str, str]]:
@@ -36,3 +37,17 @@ def test_the_document_is_valid_openapi_3_1() -> None:
     spec = openapi()
     assert spec.spec["openapi"].startswith("3.1")
     assert re.match(r"^\d+\.\d+\.\d+$", spec.spec["info"]["version"])
+
+
+async def test_discovery_advertises_exactly_the_served_endpoints(broker: Services) -> None:
+    app = app_with_services(broker)
+    served = {r.canonical for r in app.router.resources()}
+    async with TestClient(TestServer(app)) as raw:
+        meta = (await ContractClient(raw).get("/.well-known/openid-configuration")).json()
+    issuer = meta["issuer"]
+    advertised = {v.removeprefix(issuer) for k, v in meta.items() if k.endswith("_endpoint")}
+    assert advertised <= served
+    oauth_paths = {
+        p for p in served if p.startswith("/oauth/") and not p.startswith("/oauth/authorize/")
+    }
+    assert oauth_paths <= advertised

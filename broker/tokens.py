@@ -79,10 +79,13 @@ class TokenService:
         auth_time: int | None = None,
         acr: str | None = None,
         nonce: str | None = None,
+        cnf: Mapping[str, Any] | None = None,
+        act: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> MintedToken:
         """Sign a new token. `ttl` is clipped to the configured maximum, never extended.
 
+        `cnf` binds the token to a key (RFC 9449 §6), `act` names the actor (RFC 8693 §4.1).
         `extra` adds claims but cannot replace a registered one. Raises UpstreamFailed when
         the key ring cannot be trusted (Vault unreachable for too long).
         """
@@ -114,6 +117,10 @@ class TokenService:
                 claims["nonce"] = nonce
         if acr is not None:
             claims["acr"] = acr
+        if cnf:
+            claims["cnf"] = dict(cnf)
+        if act:
+            claims["act"] = dict(act)
         if extra:
             claims.update(extra)
         headers = {"kid": key.kid, "typ": _TYP[kind]}

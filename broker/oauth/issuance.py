@@ -105,10 +105,7 @@ async def issue(svc: Services, req: TokenRequest) -> Issued:
         ttl = min(ttl, decision.limits.max_ttl)
     principal = req.principal
     extra: dict[str, Any] = {}
-    if req.dpop_jkt:
-        extra["cnf"] = {"jkt": req.dpop_jkt}
-    if req.act:
-        extra["act"] = dict(req.act)
+    cnf = {"jkt": req.dpop_jkt} if req.dpop_jkt else None
     if principal is not None and "groups" in req.scopes:
         extra["groups"] = list(principal.groups)
     body: dict[str, Any] = {}
@@ -118,7 +115,8 @@ async def issue(svc: Services, req: TokenRequest) -> Issued:
         minted = await svc.tokens.mint(
             kind="id", subject=principal.id, audience=list(req.audience), client_id=client.id,
             ttl=min(ttl, svc.settings.tokens.id_token_ttl), auth_time=principal.auth_time,
-            acr=principal.acr, extra=profile_claims(principal, req.scopes) | extra,
+            acr=principal.acr, cnf=cnf, act=req.act,
+            extra=profile_claims(principal, req.scopes) | extra,
         )  # fmt: skip
         body = {"access_token": minted.token, "issued_token_type": ID_TOKEN_TYPE,
                 "token_type": "N_A"}  # fmt: skip
@@ -127,7 +125,8 @@ async def issue(svc: Services, req: TokenRequest) -> Issued:
             subject=subject_id, audience=list(req.audience), client_id=client.id,
             scope=req.scopes, ttl=ttl,
             auth_time=principal.auth_time if principal else None,
-            acr=principal.acr if principal else None, extra=extra or None,
+            acr=principal.acr if principal else None, cnf=cnf, act=req.act,
+            extra=extra or None,
         )  # fmt: skip
         body = {
             "access_token": minted.token,

@@ -45,13 +45,23 @@ async def oauth(
     tmp_path: Path, openbao: DevVault, vault_approle: AppRoleAuth
 ) -> AsyncIterator[tuple[Services, ContractClient]]:
     clients: list[dict[str, Any]] = [
-        {"client_id": "hub", "name": "Example BinderHub", "secret_hash": hash_secret(SECRET),
-         "redirect_uris": [HUB, "http://127.0.0.1:9999/cb"], "first_party": True,
-         "grant_types": ["authorization_code", "refresh_token"],
-         "scopes": ["openid", "profile", "email", "groups", "launch:aws"]},
-        {"client_id": "third", "name": "Third-party notebook service", "auth_method": "none",
-         "redirect_uris": [THIRD], "grant_types": ["authorization_code", "refresh_token"]},
-    ]  # fmt: skip
+        {
+            "client_id": "hub",
+            "name": "Example BinderHub",
+            "secret_hash": hash_secret(SECRET),
+            "redirect_uris": [HUB, "http://127.0.0.1:9999/cb"],
+            "first_party": True,
+            "grant_types": ["authorization_code", "refresh_token"],
+            "scopes": ["openid", "profile", "email", "groups", "launch:aws"],
+        },
+        {
+            "client_id": "third",
+            "name": "Third-party notebook service",
+            "auth_method": "none",
+            "redirect_uris": [THIRD],
+            "grant_types": ["authorization_code", "refresh_token"],
+        },
+    ]
     settings = make_settings(tmp_path, openbao.address, vault_approle, clients=clients)
     services = await start_broker(settings)
     async with TestClient(TestServer(app_with_services(services))) as raw:
@@ -68,9 +78,15 @@ def events(svc: Services, name: str) -> list[dict[str, Any]]:
 def authorize_params(
     client_id: str = "hub", redirect_uri: str = HUB, **extra: str
 ) -> dict[str, str]:
-    params = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
-              "scope": "openid profile groups", "state": "st-123", "nonce": "n-456",
-              "code_challenge_method": "S256"}  # fmt: skip
+    params = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": redirect_uri,
+        "scope": "openid profile groups",
+        "state": "st-123",
+        "nonce": "n-456",
+        "code_challenge_method": "S256",
+    }
     params.update(extra)
     return params
 
@@ -98,10 +114,15 @@ async def test_code_flow_with_pkce_refresh_and_id_token(
     answer = await get_code(client, authorize_params(code_challenge=challenge))
     assert answer["state"] == ["st-123"] and answer["iss"] == [svc.settings.server.public_url]
     token = await client.post(
-        "/oauth/token", headers=basic("hub", SECRET),
-        data={"grant_type": "authorization_code", "code": answer["code"][0],
-              "redirect_uri": HUB, "code_verifier": verifier},
-    )  # fmt: skip
+        "/oauth/token",
+        headers=basic("hub", SECRET),
+        data={
+            "grant_type": "authorization_code",
+            "code": answer["code"][0],
+            "redirect_uri": HUB,
+            "code_verifier": verifier,
+        },
+    )
     assert token.status == 200, token.text
     assert token.headers["Cache-Control"] == "no-store"
     body = token.json()
@@ -111,10 +132,14 @@ async def test_code_flow_with_pkce_refresh_and_id_token(
     id_claims = svc.tokens.verify(body["id_token"], audience="hub", kind="id")
     assert id_claims["nonce"] == "n-456" and id_claims["name"] == "ada"
     refreshed = await client.post(
-        "/oauth/token", headers=basic("hub", SECRET),
-        data={"grant_type": "refresh_token", "refresh_token": body["refresh_token"],
-              "scope": "openid"},
-    )  # fmt: skip
+        "/oauth/token",
+        headers=basic("hub", SECRET),
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": body["refresh_token"],
+            "scope": "openid",
+        },
+    )
     assert refreshed.status == 200, refreshed.text
     assert refreshed.json()["scope"] == "openid"
     assert refreshed.json()["refresh_token"] != body["refresh_token"]
@@ -129,16 +154,36 @@ async def test_refresh_token_reuse_revokes_the_family(
     svc, client = oauth
     verifier, challenge = pkce()
     answer = await get_code(client, authorize_params(code_challenge=challenge))
-    first = (await client.post("/oauth/token", headers=basic("hub", SECRET), data={
-        "grant_type": "authorization_code", "code": answer["code"][0], "redirect_uri": HUB,
-        "code_verifier": verifier})).json()  # fmt: skip
-    second = (await client.post("/oauth/token", headers=basic("hub", SECRET), data={
-        "grant_type": "refresh_token", "refresh_token": first["refresh_token"]})).json()  # fmt: skip
-    reuse = await client.post("/oauth/token", headers=basic("hub", SECRET), data={
-        "grant_type": "refresh_token", "refresh_token": first["refresh_token"]})  # fmt: skip
+    first = (
+        await client.post(
+            "/oauth/token",
+            headers=basic("hub", SECRET),
+            data={
+                "grant_type": "authorization_code",
+                "code": answer["code"][0],
+                "redirect_uri": HUB,
+                "code_verifier": verifier,
+            },
+        )
+    ).json()
+    second = (
+        await client.post(
+            "/oauth/token",
+            headers=basic("hub", SECRET),
+            data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]},
+        )
+    ).json()
+    reuse = await client.post(
+        "/oauth/token",
+        headers=basic("hub", SECRET),
+        data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]},
+    )
     assert reuse.status == 400 and reuse.json()["error"] == "invalid_grant"
-    after = await client.post("/oauth/token", headers=basic("hub", SECRET), data={
-        "grant_type": "refresh_token", "refresh_token": second["refresh_token"]})  # fmt: skip
+    after = await client.post(
+        "/oauth/token",
+        headers=basic("hub", SECRET),
+        data={"grant_type": "refresh_token", "refresh_token": second["refresh_token"]},
+    )
     assert after.status == 400  # the legitimate successor died with the family
     assert len(events(svc, "token.issued")) == 2
 
@@ -147,8 +192,12 @@ async def test_code_replay_revokes_what_it_issued(oauth: tuple[Services, Contrac
     svc, client = oauth
     verifier, challenge = pkce()
     answer = await get_code(client, authorize_params(code_challenge=challenge))
-    form = {"grant_type": "authorization_code", "code": answer["code"][0], "redirect_uri": HUB,
-            "code_verifier": verifier}  # fmt: skip
+    form = {
+        "grant_type": "authorization_code",
+        "code": answer["code"][0],
+        "redirect_uri": HUB,
+        "code_verifier": verifier,
+    }
     first = await client.post("/oauth/token", headers=basic("hub", SECRET), data=form)
     assert first.status == 200
     access = first.json()["access_token"]
@@ -161,8 +210,11 @@ async def test_code_replay_revokes_what_it_issued(oauth: tuple[Services, Contrac
     assert (
         await client.get("/v1/whoami", headers={"Authorization": f"Bearer {access}"})
     ).status == 401
-    refresh = await client.post("/oauth/token", headers=basic("hub", SECRET), data={
-        "grant_type": "refresh_token", "refresh_token": first.json()["refresh_token"]})  # fmt: skip
+    refresh = await client.post(
+        "/oauth/token",
+        headers=basic("hub", SECRET),
+        data={"grant_type": "refresh_token", "refresh_token": first.json()["refresh_token"]},
+    )
     assert refresh.status == 400
     assert len(events(svc, "code.replayed")) == 1 and len(events(svc, "token.issued")) == 1
 
@@ -251,8 +303,12 @@ async def test_code_redemption_attacks_issue_nothing(
     svc, client = oauth
     verifier, challenge = pkce()
     answer = await get_code(client, authorize_params(code_challenge=challenge))
-    form = {"grant_type": "authorization_code", "code": answer["code"][0], "redirect_uri": HUB,
-            "code_verifier": verifier}  # fmt: skip
+    form = {
+        "grant_type": "authorization_code",
+        "code": answer["code"][0],
+        "redirect_uri": HUB,
+        "code_verifier": verifier,
+    }
     headers = basic("hub", SECRET)
     if attack == "wrong-verifier":
         form["code_verifier"] = pkce()[0]
@@ -281,8 +337,9 @@ async def test_third_party_client_needs_consent_remembered_and_revocable(
 ) -> None:
     svc, client = oauth
     verifier, challenge = pkce()
-    params = authorize_params(client_id="third", redirect_uri=THIRD, code_challenge=challenge,
-                              scope="openid profile")  # fmt: skip
+    params = authorize_params(
+        client_id="third", redirect_uri=THIRD, code_challenge=challenge, scope="openid profile"
+    )
     first = await client.get("/oauth/authorize", params=params, headers={"Accept": "text/html"})
     next_url = parse_qs(urlsplit(first.headers["Location"]).query)["next"][0]
     signed = await sign_in(client, "ada", ("students",), next_url=next_url)
@@ -290,36 +347,63 @@ async def test_third_party_client_needs_consent_remembered_and_revocable(
     assert page.status == 200 and "Third-party notebook service" in page.text
     fields = dict(re.findall(r'name="(req|csrf)" value="([^"]+)"', page.text))
     # Consent CSRF: a forged approval without the session's csrf token changes nothing.
-    forged = await client.post("/oauth/authorize/consent", data={"req": fields["req"],
-                               "csrf": "forged", "decision": "approve"},
-                               headers={"Accept": "text/html"})  # fmt: skip
+    forged = await client.post(
+        "/oauth/authorize/consent",
+        data={"req": fields["req"], "csrf": "forged", "decision": "approve"},
+        headers={"Accept": "text/html"},
+    )
     assert forged.status == 400 and events(svc, "consent.granted") == []
-    approved = await client.post("/oauth/authorize/consent", data={**fields, "decision": "approve"},
-                                 headers={"Accept": "text/html"})  # fmt: skip
+    approved = await client.post(
+        "/oauth/authorize/consent",
+        data={**fields, "decision": "approve"},
+        headers={"Accept": "text/html"},
+    )
     assert approved.status == 302
     code = parse_qs(urlsplit(approved.headers["Location"]).query)["code"][0]
-    token = await client.post("/oauth/token", data={
-        "grant_type": "authorization_code", "code": code, "client_id": "third",
-        "redirect_uri": THIRD, "code_verifier": verifier})  # fmt: skip
+    token = await client.post(
+        "/oauth/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "client_id": "third",
+            "redirect_uri": THIRD,
+            "code_verifier": verifier,
+        },
+    )
     assert token.status == 200, token.text
     # Remembered: a second request goes straight back with a code.
     _, challenge2 = pkce()
-    again = await client.get("/oauth/authorize", params={**params, "code_challenge": challenge2},
-                             headers={"Accept": "text/html"})  # fmt: skip
+    again = await client.get(
+        "/oauth/authorize",
+        params={**params, "code_challenge": challenge2},
+        headers={"Accept": "text/html"},
+    )
     assert again.status == 302 and "code=" in again.headers["Location"]
     # Withdrawn: the refresh token dies and the consent page comes back.
     consents = await client.get("/consents", headers={"Accept": "text/html"})
     csrf = re.search(r'name="csrf" value="([^"]+)"', consents.text)
     assert csrf is not None and "third" in consents.text
-    withdrawn = await client.post("/consents/revoke", data={"csrf": csrf.group(1),
-                                  "client_id": "third"}, headers={"Accept": "text/html"})  # fmt: skip
+    withdrawn = await client.post(
+        "/consents/revoke",
+        data={"csrf": csrf.group(1), "client_id": "third"},
+        headers={"Accept": "text/html"},
+    )
     assert withdrawn.status == 303
-    refresh = await client.post("/oauth/token", data={"grant_type": "refresh_token",
-                                "client_id": "third", "refresh_token": token.json()["refresh_token"]})  # fmt: skip
+    refresh = await client.post(
+        "/oauth/token",
+        data={
+            "grant_type": "refresh_token",
+            "client_id": "third",
+            "refresh_token": token.json()["refresh_token"],
+        },
+    )
     assert refresh.status == 400
     _, challenge3 = pkce()
-    third = await client.get("/oauth/authorize", params={**params, "code_challenge": challenge3},
-                             headers={"Accept": "text/html"})  # fmt: skip
+    third = await client.get(
+        "/oauth/authorize",
+        params={**params, "code_challenge": challenge3},
+        headers={"Accept": "text/html"},
+    )
     assert third.status == 200 and "Allow access?" in third.text
     assert len(events(svc, "consent.revoked")) == 1
 
@@ -327,10 +411,13 @@ async def test_third_party_client_needs_consent_remembered_and_revocable(
 async def test_prompt_none_without_session_returns_login_required(
     oauth: tuple[Services, ContractClient],
 ) -> None:
-    svc, client = oauth
+    _svc, client = oauth
     _, challenge = pkce()
-    response = await client.get("/oauth/authorize", params=authorize_params(
-        code_challenge=challenge, prompt="none"), headers={"Accept": "text/html"})  # fmt: skip
+    response = await client.get(
+        "/oauth/authorize",
+        params=authorize_params(code_challenge=challenge, prompt="none"),
+        headers={"Accept": "text/html"},
+    )
     assert response.status == 302
     answer = parse_qs(urlsplit(response.headers["Location"]).query)
     assert answer["error"] == ["login_required"] and answer["state"] == ["st-123"]
@@ -341,8 +428,11 @@ async def test_prompt_login_forces_a_fresh_sign_in(oauth: tuple[Services, Contra
     _, challenge = pkce()
     await get_code(client, authorize_params(code_challenge=challenge))  # signed in now
     _, challenge2 = pkce()
-    again = await client.get("/oauth/authorize", params=authorize_params(
-        code_challenge=challenge2, prompt="login"), headers={"Accept": "text/html"})  # fmt: skip
+    again = await client.get(
+        "/oauth/authorize",
+        params=authorize_params(code_challenge=challenge2, prompt="login"),
+        headers={"Accept": "text/html"},
+    )
     assert again.status == 302 and again.headers["Location"].startswith("/login?")
     next_url = parse_qs(urlsplit(again.headers["Location"]).query)["next"][0]
     stale = await client.get(next_url, headers={"Accept": "text/html"})
@@ -356,7 +446,8 @@ async def test_duplicate_parameters_are_refused(oauth: tuple[Services, ContractC
     _, client = oauth
     _, challenge = pkce()
     query = urlencode(authorize_params(code_challenge=challenge)) + "&state=again"
-    response = await client.raw.get(f"/oauth/authorize?{query}", allow_redirects=False,
-                                    headers={"Accept": "text/html"})  # fmt: skip
+    response = await client.raw.get(
+        f"/oauth/authorize?{query}", allow_redirects=False, headers={"Accept": "text/html"}
+    )
     assert response.status == 400
     assert "more than once" in await response.text()

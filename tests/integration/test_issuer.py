@@ -51,16 +51,23 @@ async def test_access_token_verifies_with_python_jose(
     broker: Services, client: ContractClient
 ) -> None:
     minted = await broker.tokens.mint(
-        subject="u-123", audience="https://launcher.example.org", client_id="binderhub",
-        scope=("openid", "launch:aws"), auth_time=1_700_000_000, acr="urn:example:mfa",
-    )  # fmt: skip
+        subject="u-123",
+        audience="https://launcher.example.org",
+        client_id="binderhub",
+        scope=("openid", "launch:aws"),
+        auth_time=1_700_000_000,
+        acr="urn:example:mfa",
+    )
     jwks = (await client.get("/jwks.json")).json()
     header = jose_jwt.get_unverified_header(minted.token)
     assert header["typ"] == "at+jwt" and header["kid"] == minted.kid
     claims = jose_jwt.decode(
-        minted.token, jwks, algorithms=["ES256"], audience="https://launcher.example.org",
+        minted.token,
+        jwks,
+        algorithms=["ES256"],
+        audience="https://launcher.example.org",
         issuer=ISSUER,
-    )  # fmt: skip
+    )
     assert claims["sub"] == "u-123"
     assert claims["client_id"] == "binderhub"
     assert claims["scope"] == "openid launch:aws"
@@ -71,12 +78,17 @@ async def test_access_token_verifies_with_python_jose(
 
 async def test_id_token_verifies_with_python_jose(broker: Services, client: ContractClient) -> None:
     minted = await broker.tokens.mint(
-        kind="id", subject="u-123", audience="binderhub", client_id="binderhub", nonce="n-0S6",
+        kind="id",
+        subject="u-123",
+        audience="binderhub",
+        client_id="binderhub",
+        nonce="n-0S6",
         extra={"email": "a@example.edu"},
-    )  # fmt: skip
+    )
     jwks = (await client.get("/jwks.json")).json()
-    claims = jose_jwt.decode(minted.token, jwks, algorithms=["ES256"], audience="binderhub",
-                             issuer=ISSUER)  # fmt: skip
+    claims = jose_jwt.decode(
+        minted.token, jwks, algorithms=["ES256"], audience="binderhub", issuer=ISSUER
+    )
     assert claims["nonce"] == "n-0S6" and claims["azp"] == "binderhub"
     assert claims["email"] == "a@example.edu"
     assert jose_jwt.get_unverified_header(minted.token)["typ"] == "JWT"

@@ -53,9 +53,13 @@ class CachingVerifier:
             self.fetched_at = self.clock()
             self.fetches += 1
         claims: dict[str, Any] = jose_jwt.decode(
-            token, self.jwks, algorithms=["ES256", "RS256"], audience="launcher", issuer=ISSUER,
+            token,
+            self.jwks,
+            algorithms=["ES256", "RS256"],
+            audience="launcher",
+            issuer=ISSUER,
             options={"verify_exp": False},  # the fake clock is hours ahead of the real one
-        )  # fmt: skip
+        )
         return claims
 
 
@@ -63,17 +67,30 @@ def make_ring(
     vault: VaultClient, clock: Clock, *, signing: str = "local", alg: str = "ES256"
 ) -> KeyRing:
     return KeyRing(
-        vault, prefix="binder-broker", algorithm=alg, signing=signing,  # type: ignore[arg-type]
-        rotation_interval=ROTATION, publish_ahead=JWKS_MAX_AGE + REFRESH, max_token_ttl=MAX_TTL,
-        clock_skew=SKEW, refresh_interval=REFRESH, max_staleness=300, clock=clock,
-    )  # fmt: skip
+        vault,
+        prefix="binder-broker",
+        algorithm=alg,
+        signing=signing,  # type: ignore[arg-type]
+        rotation_interval=ROTATION,
+        publish_ahead=JWKS_MAX_AGE + REFRESH,
+        max_token_ttl=MAX_TTL,
+        clock_skew=SKEW,
+        refresh_interval=REFRESH,
+        max_staleness=300,
+        clock=clock,
+    )
 
 
 def make_tokens(ring: KeyRing, clock: Clock) -> TokenService:
     return TokenService(
-        ring, issuer=ISSUER, access_token_ttl=MAX_TTL, id_token_ttl=600, max_ttl=MAX_TTL,
-        clock_skew=SKEW, clock=clock,
-    )  # fmt: skip
+        ring,
+        issuer=ISSUER,
+        access_token_ttl=MAX_TTL,
+        id_token_ttl=600,
+        max_ttl=MAX_TTL,
+        clock_skew=SKEW,
+        clock=clock,
+    )
 
 
 @pytest_asyncio.fixture

@@ -70,8 +70,10 @@ def _alive(pid: int) -> bool:
 def test_broker_dev_serves_and_leaves_no_child_after_sigint(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [BROKER, "dev", "--state-dir", str(tmp_path / "state"), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     try:
         assert process.stdout is not None
         banner = b""
@@ -124,7 +126,7 @@ def served_config(tmp_path: Path, fresh_openbao: DevVault) -> Iterator[Path]:
         "database": {"url": f"sqlite:///{tmp_path / 'broker.db'}"},
         "audit": {"path": str(tmp_path / "audit.log")},
         "keys": {"refresh_interval": 1, "jwks_max_age": 60},
-    }  # fmt: skip
+    }
     path = tmp_path / "broker.toml"
     path.write_text(tomli_w.dumps(config))
     yield path
@@ -133,8 +135,9 @@ def served_config(tmp_path: Path, fresh_openbao: DevVault) -> Iterator[Path]:
 def _serve(config: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [BROKER, "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_two_replicas_publish_the_same_jwks_and_follow_a_rotation(served_config: Path) -> None:
@@ -148,8 +151,10 @@ def test_two_replicas_publish_the_same_jwks_and_follow_a_rotation(served_config:
         assert first[0] == first[1]
         rotated = subprocess.run(
             [BROKER, "keys", "rotate", "--config", str(served_config)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         new_kid = re.search(r"new key (\S+)", rotated.stdout)
         assert new_kid is not None
         deadline = time.monotonic() + 15

@@ -74,9 +74,11 @@ async def test_vault_stopped(doomed: tuple[Services, ContractClient, DevVault]) 
     assert csrf is not None
     events_before = _events(services)
     minted = await client.post(
-        "/dev/token", data={"csrf": csrf.group(1)}, cookies={"broker_session": session_cookie},
+        "/dev/token",
+        data={"csrf": csrf.group(1)},
+        cookies={"broker_session": session_cookie},
         headers={"Accept": "text/html"},
-    )  # fmt: skip
+    )
     assert minted.status == 503
     assert "signing keys cannot be confirmed" in minted.text
     assert "request id" in minted.text and "Traceback" not in minted.text

@@ -46,9 +46,11 @@ async def test_configured_backends_are_built_and_known_to_the_policy(
     tmp_path: Path, openbao: DevVault, vault_approle: AppRoleAuth
 ) -> None:
     settings = make_settings(
-        tmp_path, openbao.address, vault_approle,
+        tmp_path,
+        openbao.address,
+        vault_approle,
         backends=[{"type": "vault_secret", "id": "home-token", "name": "home-token"}],
-    )  # fmt: skip
+    )
     services = await start_broker(settings)
     try:
         assert isinstance(services.backends["home-token"], VaultSecretBackend)

@@ -45,8 +45,12 @@ class Holder:
         self.jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
 
     def proof(self, htm: str, htu: str, *, token: str | None = None, **overrides: Any) -> str:
-        claims: dict[str, Any] = {"jti": secrets.token_urlsafe(12), "htm": htm, "htu": htu,
-                                  "iat": int(time.time())}  # fmt: skip
+        claims: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(12),
+            "htm": htm,
+            "htu": htu,
+            "iat": int(time.time()),
+        }
         if token is not None:
             digest = hashlib.sha256(token.encode()).digest()
             claims["ath"] = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
@@ -60,13 +64,25 @@ async def server(
     tmp_path: Path, openbao: DevVault, vault_approle: AppRoleAuth
 ) -> AsyncIterator[tuple[Services, ContractClient]]:
     clients = [
-        {"client_id": "a", "secret_hash": hash_secret(SECRET_A), "audiences": ["https://a.example"],
-         "grant_types": ["client_credentials", "refresh_token"], "scopes": ["openid", "launch:aws"]},
-        {"client_id": "b", "secret_hash": hash_secret(SECRET_B),
-         "grant_types": ["client_credentials", "refresh_token"]},
-        {"client_id": "bound", "secret_hash": hash_secret(SECRET_A), "require_dpop": True,
-         "grant_types": ["client_credentials"]},
-    ]  # fmt: skip
+        {
+            "client_id": "a",
+            "secret_hash": hash_secret(SECRET_A),
+            "audiences": ["https://a.example"],
+            "grant_types": ["client_credentials", "refresh_token"],
+            "scopes": ["openid", "launch:aws"],
+        },
+        {
+            "client_id": "b",
+            "secret_hash": hash_secret(SECRET_B),
+            "grant_types": ["client_credentials", "refresh_token"],
+        },
+        {
+            "client_id": "bound",
+            "secret_hash": hash_secret(SECRET_A),
+            "require_dpop": True,
+            "grant_types": ["client_credentials"],
+        },
+    ]
     settings = make_settings(tmp_path, openbao.address, vault_approle, clients=clients)
     services = await start_broker(settings)
     async with TestClient(TestServer(app_with_services(services))) as raw:
@@ -85,17 +101,24 @@ async def test_dpop_binds_the_token_and_the_resource_demands_the_proof(
 ) -> None:
     svc, client = server
     holder = Holder()
-    token = await client.post("/oauth/token", headers={**basic("a", SECRET_A),
-                              "DPoP": holder.proof("POST", TOKEN_URL)},
-                              data={"grant_type": "client_credentials"})  # fmt: skip
+    token = await client.post(
+        "/oauth/token",
+        headers={**basic("a", SECRET_A), "DPoP": holder.proof("POST", TOKEN_URL)},
+        data={"grant_type": "client_credentials"},
+    )
     assert token.status == 200, token.text
     body = token.json()
     assert body["token_type"] == "DPoP"
     claims = svc.tokens.verify(body["access_token"])
     assert claims["cnf"]["jkt"]
     access = body["access_token"]
-    ok = await client.get("/v1/whoami", headers={"Authorization": f"DPoP {access}",
-                          "DPoP": holder.proof("GET", WHOAMI_URL, token=access)})  # fmt: skip
+    ok = await client.get(
+        "/v1/whoami",
+        headers={
+            "Authorization": f"DPoP {access}",
+            "DPoP": holder.proof("GET", WHOAMI_URL, token=access),
+        },
+    )
     assert ok.status == 200, ok.text
     as_bearer = await client.get("/v1/whoami", headers={"Authorization": f"Bearer {access}"})
     assert as_bearer.status == 401  # a bound token is useless without the key
@@ -103,17 +126,31 @@ async def test_dpop_binds_the_token_and_the_resource_demands_the_proof(
 
 @pytest.mark.parametrize(
     "attack",
-    ["replayed", "wrong-htu", "wrong-htm", "stale-iat", "future-iat", "no-ath", "wrong-ath",
-     "other-key", "no-proof", "hmac-proof", "private-jwk", "bad-typ"],
-)  # fmt: skip
+    [
+        "replayed",
+        "wrong-htu",
+        "wrong-htm",
+        "stale-iat",
+        "future-iat",
+        "no-ath",
+        "wrong-ath",
+        "other-key",
+        "no-proof",
+        "hmac-proof",
+        "private-jwk",
+        "bad-typ",
+    ],
+)
 async def test_resource_refuses_bad_dpop_proofs(
     server: tuple[Services, ContractClient], attack: str
 ) -> None:
-    svc, client = server
+    _svc, client = server
     holder = Holder()
-    token = await client.post("/oauth/token", headers={**basic("a", SECRET_A),
-                              "DPoP": holder.proof("POST", TOKEN_URL)},
-                              data={"grant_type": "client_credentials"})  # fmt: skip
+    token = await client.post(
+        "/oauth/token",
+        headers={**basic("a", SECRET_A), "DPoP": holder.proof("POST", TOKEN_URL)},
+        data={"grant_type": "client_credentials"},
+    )
     access = token.json()["access_token"]
     proof = holder.proof("GET", WHOAMI_URL, token=access)
     if attack == "replayed":
@@ -136,17 +173,27 @@ async def test_resource_refuses_bad_dpop_proofs(
     elif attack == "other-key":
         proof = Holder().proof("GET", WHOAMI_URL, token=access)
     elif attack == "hmac-proof":
-        proof = jwt.encode({"jti": "j", "htm": "GET", "htu": WHOAMI_URL, "iat": int(time.time())},
-                           "k" * 32, algorithm="HS256",
-                           headers={"typ": "dpop+jwt", "jwk": holder.jwk})  # fmt: skip
+        proof = jwt.encode(
+            {"jti": "j", "htm": "GET", "htu": WHOAMI_URL, "iat": int(time.time())},
+            "k" * 32,
+            algorithm="HS256",
+            headers={"typ": "dpop+jwt", "jwk": holder.jwk},
+        )
     elif attack == "private-jwk":
         private = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(holder.key))
-        proof = jwt.encode({"jti": "j2", "htm": "GET", "htu": WHOAMI_URL, "iat": int(time.time())},
-                           holder.key, algorithm="ES256",
-                           headers={"typ": "dpop+jwt", "jwk": private})  # fmt: skip
+        proof = jwt.encode(
+            {"jti": "j2", "htm": "GET", "htu": WHOAMI_URL, "iat": int(time.time())},
+            holder.key,
+            algorithm="ES256",
+            headers={"typ": "dpop+jwt", "jwk": private},
+        )
     elif attack == "bad-typ":
-        proof = jwt.encode({"jti": "j3", "htm": "GET", "htu": WHOAMI_URL, "iat": int(time.time())},
-                           holder.key, algorithm="ES256", headers={"typ": "JWT", "jwk": holder.jwk})  # fmt: skip
+        proof = jwt.encode(
+            {"jti": "j3", "htm": "GET", "htu": WHOAMI_URL, "iat": int(time.time())},
+            holder.key,
+            algorithm="ES256",
+            headers={"typ": "JWT", "jwk": holder.jwk},
+        )
     headers = {"Authorization": f"DPoP {access}"}
     if attack != "no-proof":
         headers["DPoP"] = proof
@@ -166,8 +213,11 @@ async def test_token_endpoint_refuses_bad_dpop_proofs_and_issues_nothing(
     proof = holder.proof("POST", TOKEN_URL)
     client_id = "a"
     if attack == "replayed":
-        first = await client.post("/oauth/token", headers={**basic("a", SECRET_A), "DPoP": proof},
-                                  data={"grant_type": "client_credentials"})  # fmt: skip
+        first = await client.post(
+            "/oauth/token",
+            headers={**basic("a", SECRET_A), "DPoP": proof},
+            data={"grant_type": "client_credentials"},
+        )
         assert first.status == 200
     elif attack == "wrong-htu":
         proof = holder.proof("POST", f"{ISSUER}/oauth/other")
@@ -177,8 +227,9 @@ async def test_token_endpoint_refuses_bad_dpop_proofs_and_issues_nothing(
     headers = {**basic(client_id, SECRET_A), "DPoP": proof}
     if attack == "missing-required":
         headers = basic("bound", SECRET_A)
-    response = await client.post("/oauth/token", headers=headers,
-                                  data={"grant_type": "client_credentials"})  # fmt: skip
+    response = await client.post(
+        "/oauth/token", headers=headers, data={"grant_type": "client_credentials"}
+    )
     assert response.status == 400
     assert response.json()["error"] == "invalid_dpop_proof"
     assert issued_count(svc) == before
@@ -192,37 +243,75 @@ async def test_refresh_token_of_client_a_is_useless_to_client_b(
     await remember_principal(svc, ada)
     a = await svc.oauth.clients.get("a")
     assert a is not None
-    issued = await issue(svc, TokenRequest(grant_type="refresh_token", client=a, principal=ada,
-                         scopes=["openid"], audience=["https://a.example"], refresh=True))  # fmt: skip
+    issued = await issue(
+        svc,
+        TokenRequest(
+            grant_type="refresh_token",
+            client=a,
+            principal=ada,
+            scopes=["openid"],
+            audience=["https://a.example"],
+            refresh=True,
+        ),
+    )
     refresh = issued.body["refresh_token"]
     before = issued_count(svc)
-    stolen = await client.post("/oauth/token", headers=basic("b", SECRET_B),
-                               data={"grant_type": "refresh_token", "refresh_token": refresh})  # fmt: skip
+    stolen = await client.post(
+        "/oauth/token",
+        headers=basic("b", SECRET_B),
+        data={"grant_type": "refresh_token", "refresh_token": refresh},
+    )
     assert stolen.status == 400 and stolen.json()["error"] == "invalid_grant"
     assert issued_count(svc) == before
     # The failed theft did not burn the token for its rightful owner.
-    rightful = await client.post("/oauth/token", headers=basic("a", SECRET_A),
-                                 data={"grant_type": "refresh_token", "refresh_token": refresh})  # fmt: skip
+    rightful = await client.post(
+        "/oauth/token",
+        headers=basic("a", SECRET_A),
+        data={"grant_type": "refresh_token", "refresh_token": refresh},
+    )
     assert rightful.status == 200
 
 
 @pytest.mark.parametrize(
     ("body", "headers", "status", "error"),
     [
-        pytest.param(b"grant_type=client_credentials&grant_type=client_credentials",
-                     {"Content-Type": "application/x-www-form-urlencoded"}, 400, "invalid_request",
-                     id="duplicate-parameter"),
-        pytest.param(b'{"grant_type": "client_credentials"}', {"Content-Type": "application/json"},
-                     400, "invalid_request", id="json-body"),
-        pytest.param(b"grant_type=%ff%fe", {"Content-Type": "application/x-www-form-urlencoded"},
-                     400, "invalid_request", id="not-utf8"),
-        pytest.param(b"grant_type=client_credentials&x=" + b"a" * (1024 * 1024),
-                     {"Content-Type": "application/x-www-form-urlencoded"}, 413, "invalid_request",
-                     id="oversized"),
-        pytest.param(b"", {"Content-Type": "application/x-www-form-urlencoded"}, 400,
-                     "invalid_request", id="empty"),
+        pytest.param(
+            b"grant_type=client_credentials&grant_type=client_credentials",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            400,
+            "invalid_request",
+            id="duplicate-parameter",
+        ),
+        pytest.param(
+            b'{"grant_type": "client_credentials"}',
+            {"Content-Type": "application/json"},
+            400,
+            "invalid_request",
+            id="json-body",
+        ),
+        pytest.param(
+            b"grant_type=%ff%fe",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            400,
+            "invalid_request",
+            id="not-utf8",
+        ),
+        pytest.param(
+            b"grant_type=client_credentials&x=" + b"a" * (1024 * 1024),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            413,
+            "invalid_request",
+            id="oversized",
+        ),
+        pytest.param(
+            b"",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            400,
+            "invalid_request",
+            id="empty",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_malformed_token_requests(
     server: tuple[Services, ContractClient],
     body: bytes,
@@ -257,8 +346,9 @@ async def test_client_authentication_failures_issue_nothing(
 ) -> None:
     svc, client = server
     before = issued_count(svc)
-    response = await client.post("/oauth/token", headers=headers,
-                                 data={"grant_type": "client_credentials", **form})  # fmt: skip
+    response = await client.post(
+        "/oauth/token", headers=headers, data={"grant_type": "client_credentials", **form}
+    )
     assert response.status in (400, 401)
     assert response.json()["error"] in ("invalid_client", "invalid_request")
     if "Authorization" in headers and response.status == 401:

@@ -178,7 +178,7 @@ class ClientRegistry:
             raise Conflict(f"a client {config.client_id!r} already exists")
         record = OAuthClientRecord(
             client_id=config.client_id,
-            document=json.loads(config.model_dump_json(exclude_none=True, round_trip=True)),
+            document=_stored_document(config),
             created_at=datetime.now(UTC),
             created_by=actor,
         )
@@ -326,6 +326,14 @@ class ClientRegistry:
             ) from None
         self._jwks[uri] = (time.monotonic(), document)
         return document
+
+
+def _stored_document(config: ClientConfig) -> dict[str, Any]:
+    """The client as stored in SQL; the secret *hash* must survive (pydantic masks it)."""
+    document = config.model_dump(mode="json", exclude_none=True)
+    if config.secret_hash is not None:
+        document["secret_hash"] = config.secret_hash.get_secret_value()
+    return document
 
 
 def _basic_credentials(header: str) -> tuple[str, str]:

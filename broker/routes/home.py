@@ -11,7 +11,8 @@ import json
 
 from aiohttp import web
 
-from broker.errors import AccessDenied, InvalidRequest, InvalidToken, NotFound
+from broker.errors import AccessDenied, InvalidRequest, NotFound
+from broker.oauth import bearer
 from broker.pages import esc, render
 from broker.routes.login import current_session, read_form
 from broker.state import services
@@ -115,12 +116,8 @@ async def dev_token(request: web.Request) -> web.Response:
 
 
 async def whoami(request: web.Request) -> web.Response:
-    """GET /v1/whoami: the claims of a valid broker access token (Bearer)."""
-    svc = services(request)
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise InvalidToken("send a broker access token as `Authorization: Bearer …`")
-    claims = svc.tokens.verify(token.strip())
+    """GET /v1/whoami: the claims of a valid, unrevoked broker access token (Bearer or DPoP)."""
+    claims = await bearer.access_token_claims(services(request), request)
     body = {k: claims[k] for k in ("sub", "client_id", "scope", "aud", "exp", "jti") if k in claims}
     return web.json_response(body, dumps=json.dumps, headers={"Cache-Control": "no-store"})
 

@@ -55,9 +55,10 @@ def provider_metadata(issuer: str, served_paths: set[str], scopes: set[str]) -> 
         meta["token_endpoint_auth_methods_supported"] = _CLIENT_AUTH
         meta["token_endpoint_auth_signing_alg_values_supported"] = ASSERTION_ALGORITHMS
         meta["dpop_signing_alg_values_supported"] = PROOF_ALGORITHMS
-    for endpoint in ("introspection", "revocation"):
-        if f"{endpoint}_endpoint" in meta:
-            meta[f"{endpoint}_endpoint_auth_methods_supported"] = _CLIENT_AUTH[:3]
+    if "introspection_endpoint" in meta:  # confidential clients only
+        meta["introspection_endpoint_auth_methods_supported"] = _CLIENT_AUTH[:3]
+    if "revocation_endpoint" in meta:  # public clients may revoke their own tokens
+        meta["revocation_endpoint_auth_methods_supported"] = _CLIENT_AUTH
     meta["scopes_supported"] = sorted(scopes)
     meta["claims_supported"] = [
         "iss", "sub", "aud", "exp", "iat", "auth_time", "acr", "jti", "nonce", "azp",

@@ -8,7 +8,8 @@ from aiohttp import web
 
 from adapters.vault import AppRoleAuth, TokenAuth
 from broker.middleware import build_middlewares
-from broker.oauth import token
+from broker.oauth import admin, authorize, device, introspect, token, userinfo
+from broker.oauth import exchange as _exchange  # noqa: F401  (no routes; registers its @grant)
 from broker.routes import health, home, issuer, login
 from broker.services import Services, start_services
 from broker.settings import Settings
@@ -19,7 +20,18 @@ def _application(settings: Settings, dev_mode: bool) -> web.Application:
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[DEV_MODE] = dev_mode
     app.middlewares.extend(build_middlewares(lambda: app[SERVICES].metrics))
-    for module in (issuer, health, login, home, token):
+    for module in (
+        issuer,
+        health,
+        login,
+        home,
+        token,
+        authorize,
+        introspect,
+        userinfo,
+        admin,
+        device,
+    ):
         module.add_routes(app)
     return app
 

@@ -198,6 +198,55 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+def _read_secret() -> str | None:
+    """The secret from stdin, or typed twice at a terminal (never from argv: shell history)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("client secret: ")
+        if getpass.getpass("again: ") != first:
+            print("the two secrets differ", file=sys.stderr)
+            return None
+        return first
+    # Only the line ending is dropped: other whitespace may be part of the secret.
+    return sys.stdin.read().removesuffix("\n").removesuffix("\r")
+
+
+def cmd_clients_hash_secret(args: argparse.Namespace) -> int:
+    from broker.oauth.clients import hash_secret
+
+    secret = _read_secret()
+    if not secret:
+        if secret is not None:
+            print("no secret given on stdin", file=sys.stderr)
+        return 2
+    print(hash_secret(secret))
+    return 0
+
+
+def cmd_clients_new_secret(args: argparse.Namespace) -> int:
+    import secrets
+
+    from broker.oauth.clients import hash_secret
+
+    secret = secrets.token_urlsafe(32)
+    print(f'client_secret = "{secret}"  # give this to the client; it is not shown again')
+    print(f'secret_hash = "{hash_secret(secret)}"  # for the client\'s entry in the settings')
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from broker.cli_client import run_login
+
+    return run_login(args.issuer, args.client_id, args.scope)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from broker.cli_client import run_token
+
+    return run_token(args.issuer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="broker",
@@ -261,6 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resource-attrs", help="JSON object, e.g. '{\"first_party\": true}'")
     q.add_argument("--context", help="JSON object, e.g. '{\"cpu\": 1, ...}'")
     q.set_defaults(func=cmd_policy_check)
+
+    p = sub.add_parser("clients", help="OAuth client secrets")
+    csub = p.add_subparsers(dest="clients_command", required=True, metavar="ACTION")
+    q = csub.add_parser(
+        "hash-secret", help="read a client secret from stdin (or a prompt), print its hash"
+    )
+    q.set_defaults(func=cmd_clients_hash_secret)
+    q = csub.add_parser("new-secret", help="generate a client secret; print it once and its hash")
+    q.set_defaults(func=cmd_clients_new_secret)
+
+    p = sub.add_parser("login", help="sign in to a broker from this terminal (device flow)")
+    p.add_argument(
+        "--issuer", required=True, help="the broker's URL, e.g. https://broker.example.edu"
+    )
+    p.add_argument("--client-id", default="broker-cli")
+    p.add_argument("--scope", default="openid profile groups offline_access")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("token", help="print a fresh access token (refreshing it if needed)")
+    p.add_argument("--issuer", help="default: the broker last logged in to")
+    p.set_defaults(func=cmd_token)
     return parser
 
 

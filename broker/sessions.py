@@ -45,7 +45,8 @@ class SessionStore:
         if not cookie or "." not in cookie:
             return None
         value, _, _mac = cookie.rpartition(".")
-        return value if hmac.compare_digest(self._sign(value), cookie) else None
+        expected = self._sign(value).encode()
+        return value if hmac.compare_digest(expected, cookie.encode()) else None
 
     async def create(self, principal: Principal) -> tuple[Session, str]:
         """A new session; returns it and the cookie value to set."""

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import json
 import secrets
 import time
 from collections.abc import Mapping, Sequence

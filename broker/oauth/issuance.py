@@ -8,6 +8,7 @@ grant, the client, the principal, the jti and the deciding policies.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ class TokenRequest:
     act: Mapping[str, Any] | None = None
     requested_token_type: str = ACCESS_TOKEN_TYPE
     extra_audit: Mapping[str, Any] = field(default_factory=dict)
+    not_after: int | None = None  # e.g. the subject token's exp in an exchange
 
 
 def profile_claims(principal: Principal, scopes: Sequence[str]) -> dict[str, Any]:
@@ -103,6 +105,10 @@ async def issue(svc: Services, req: TokenRequest) -> Issued:
     ttl = svc.settings.tokens.access_token_ttl
     if decision.limits.max_ttl is not None:
         ttl = min(ttl, decision.limits.max_ttl)
+    if req.not_after is not None:
+        ttl = min(ttl, req.not_after - int(time.time()))
+        if ttl <= 0:
+            raise InvalidGrant("the token to exchange has expired")
     principal = req.principal
     extra: dict[str, Any] = {}
     cnf = {"jkt": req.dpop_jkt} if req.dpop_jkt else None

@@ -588,3 +588,14 @@ async def test_audit_log_verifies_after_the_attacks(
     report = await broker.audit.verify()
     assert report.ok, report.problem
     assert report.records == len(audit_events(broker))
+
+
+@pytest.mark.parametrize("cookie", ["été.abc", "\u2603", "a.b.c.\u00ff"])
+async def test_non_ascii_session_cookie_is_ignored_not_a_crash(
+    client: ContractClient, cookie: str
+) -> None:
+    response = await client.raw.get(
+        "/", headers={"Accept": "text/html", "Cookie": f"broker_session={cookie}"}
+    )
+    assert response.status == 200
+    assert "Sign in" in await response.text()

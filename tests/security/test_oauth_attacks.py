@@ -354,3 +354,49 @@ async def test_client_authentication_failures_issue_nothing(
     if "Authorization" in headers and response.status == 401:
         assert response.headers["WWW-Authenticate"].startswith("Basic")
     assert issued_count(svc) == before
+
+
+async def test_dpop_nonce_is_demanded_when_configured(
+    tmp_path: Path, openbao: DevVault, vault_approle: AppRoleAuth
+) -> None:
+    clients = [
+        {
+            "client_id": "a",
+            "secret_hash": hash_secret(SECRET_A),
+            "grant_types": ["client_credentials"],
+        }
+    ]
+    settings = make_settings(
+        tmp_path, openbao.address, vault_approle, clients=clients,
+        oauth={"dpop_require_nonce": True},
+    )  # fmt: skip
+    services = await start_broker(settings)
+    try:
+        async with TestClient(TestServer(app_with_services(services))) as raw:
+            client = ContractClient(raw)
+            holder = Holder()
+            headers = basic("a", SECRET_A)
+            first = await client.post(
+                "/oauth/token",
+                headers={**headers, "DPoP": holder.proof("POST", TOKEN_URL)},
+                data={"grant_type": "client_credentials"},
+            )
+            assert first.status == 400 and first.json()["error"] == "use_dpop_nonce"
+            nonce = first.headers["DPoP-Nonce"]
+            assert issued_count(services) == 0
+            forged = await client.post(
+                "/oauth/token",
+                headers={**headers, "DPoP": holder.proof("POST", TOKEN_URL, nonce="made-up")},
+                data={"grant_type": "client_credentials"},
+            )
+            assert forged.status == 400 and forged.json()["error"] == "use_dpop_nonce"
+            second = await client.post(
+                "/oauth/token",
+                headers={**headers, "DPoP": holder.proof("POST", TOKEN_URL, nonce=nonce)},
+                data={"grant_type": "client_credentials"},
+            )
+            assert second.status == 200, second.text
+            assert second.json()["token_type"] == "DPoP"
+            assert issued_count(services) == 1
+    finally:
+        await services.close()

@@ -41,7 +41,7 @@ from broker.storage import Database, OAuthClientRecord
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGORITHMS = ["ES256", "ES384", "RS256", "PS256", "EdDSA"]
-ASSERTION_MAX_LIFETIME = 300
+ASSERTION_MAX_LIFETIME = 3600  # authlib signs exp = iat + 1 h by default; the jti cache covers it
 _SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 _VERIFIED_FOR = 300.0
 CLI_CLIENT_ID = "broker-cli"
@@ -292,7 +292,7 @@ class ClientRegistry:
             raise InvalidClient("the assertion's sub must be the client_id")
         remaining = float(claims["exp"]) - time.time()
         if remaining > ASSERTION_MAX_LIFETIME:
-            raise InvalidClient("the client assertion lives too long (at most 5 minutes)")
+            raise InvalidClient("the client assertion lives too long (at most one hour)")
         fresh = await self._cache.add(
             f"assertion-jti:{client_id}:{claims['jti']}", "1", max(remaining, 0) + self._skew + 1
         )

@@ -106,6 +106,7 @@ binder-broker dev is running. DEVELOPMENT MODE: sign-in checks no password.
 Try:
   curl -s {base}/.well-known/openid-configuration
   curl -s {base}/jwks.json
+  {cli} login --issuer {base}      (device flow; then `{cli} token`)
   {cli} keys rotate --config {settings_path}
   {cli} audit verify --config {settings_path}
 

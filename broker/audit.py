@@ -47,6 +47,8 @@ _SAFE_SUFFIXES = ("_id", "_hash", "jti", "kid")
 _FIELDS = frozenset({"seq", "ts", "event", "outcome", "actor", "chain", "prev", "data", "hash"})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 1 << 16
+_BATCH = 256  # records per fsync and SQL transaction
+_Entry = tuple[str, str, str | None, dict[str, Any]]  # event, outcome, actor, data
 _INSERT_BATCH = 500
 
 
@@ -213,8 +215,11 @@ class AuditLog:
         self.path = Path(path)
         self.db = db
         self.chain = chain
-        self._lock = asyncio.Lock()
         self._pending: set[asyncio.Future[AuditRecord]] = set()
+        # Group commit: appends queue here and one writer task writes them in batches, with
+        # one fsync and one SQL transaction per batch instead of one per record.
+        self._queue: list[tuple[_Entry, asyncio.Future[AuditRecord]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def append(
         self, event: str, *, outcome: str, actor: str | None = None, **fields: Any
@@ -246,14 +251,29 @@ class AuditLog:
     async def _append(
         self, event: str, outcome: str, actor: str | None, data: dict[str, Any]
     ) -> AuditRecord:
-        async with self._lock:
-            record = await asyncio.to_thread(self._write, event, outcome, actor, data)
-        await self._index(record)
-        return record
+        done: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
+        self._queue.append(((event, outcome, actor, data), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="audit-writer")
+        return await done
 
-    def _write(
-        self, event: str, outcome: str, actor: str | None, data: dict[str, Any]
-    ) -> AuditRecord:
+    async def _drain(self) -> None:
+        """Write queued records in batches until the queue is empty."""
+        while self._queue:
+            batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+            try:
+                records = await asyncio.to_thread(self._write, [entry for entry, _ in batch])
+                await self._index(records)
+            except Exception as exc:  # every caller of the batch learns what failed
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for record, (_, done) in zip(records, batch, strict=True):
+                if not done.done():
+                    done.set_result(record)
+
+    def _write(self, entries: list[_Entry]) -> list[AuditRecord]:
         created = not self.path.exists()
         if created:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,18 +283,21 @@ class AuditLog:
             # must see our record before choosing its seq and prev.
             fcntl.flock(fd, fcntl.LOCK_EX)
             last = self._last_record(fd)
-            body = {
-                "seq": 1 if last is None else last.seq + 1,
-                "ts": format_ts(datetime.now(UTC)),
-                "event": event,
-                "outcome": outcome,
-                "actor": actor,
-                "chain": self.chain,
-                "prev": GENESIS_HASH if last is None else last.hash,
-                "data": data,
-            }
-            record = AuditRecord.from_json({**body, "hash": record_hash(body)})
-            line = (record.to_line() + "\n").encode()
+            records: list[AuditRecord] = []
+            for event, outcome, actor, data in entries:
+                body = {
+                    "seq": 1 if last is None else last.seq + 1,
+                    "ts": format_ts(datetime.now(UTC)),
+                    "event": event,
+                    "outcome": outcome,
+                    "actor": actor,
+                    "chain": self.chain,
+                    "prev": GENESIS_HASH if last is None else last.hash,
+                    "data": data,
+                }
+                last = AuditRecord.from_json({**body, "hash": record_hash(body)})
+                records.append(last)
+            line = "".join(r.to_line() + "\n" for r in records).encode()
             written = 0
             while written < len(line):
                 written += os.write(fd, line[written:])
@@ -288,7 +311,7 @@ class AuditLog:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        return record
+        return records
 
     def _last_record(self, fd: int) -> AuditRecord | None:
         size = os.fstat(fd).st_size
@@ -337,11 +360,14 @@ class AuditLog:
             data=record.data,
         )
 
-    async def _index(self, record: AuditRecord) -> None:
-        where = f"audit record {record.chain}/{record.seq} is in {self.path} but not indexed"
+    async def _index(self, records: list[AuditRecord]) -> None:
+        first, last = records[0], records[-1]
+        where = (
+            f"audit records {first.chain}/{first.seq}-{last.seq} are in {self.path} but not indexed"
+        )
         try:
             async with self.db.sessions() as session, session.begin():
-                session.add(self._row(record))
+                session.add_all([self._row(record) for record in records])
         except IntegrityError as exc:
             raise ServerError(
                 "the audit log cannot be written",

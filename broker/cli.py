@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     host = args.host or settings.server.bind_host
     port = args.port if args.port is not None else settings.server.bind_port
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=args.reuse_port)
     return 0
 
 
@@ -258,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="settings TOML file")
     p.add_argument("--host", help="bind address (overrides server.bind_host)")
     p.add_argument("--port", type=int, help="bind port (overrides server.bind_port)")
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let several worker processes share the port (SO_REUSEPORT)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

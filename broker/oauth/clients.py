@@ -147,6 +147,7 @@ class ClientRegistry:
         self._skew = clock_skew
         self._mac_key = secrets.token_bytes(32)
         self._verified: dict[str, tuple[bytes, float]] = {}
+        self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._jwks: dict[str, tuple[float, dict[str, Any]]] = {}
 
     # --- lookup and admin ---------------------------------------------------------------
@@ -253,7 +254,13 @@ class ClientRegistry:
         ):
             return client
         stored = client.config.secret_hash.get_secret_value()
-        if not await asyncio.to_thread(check_secret, secret, stored):
+        # Single flight: a burst of requests with the same credentials pays scrypt once.
+        pending = self._checking.get(mac)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(check_secret, secret, stored))
+            self._checking[mac] = pending
+            pending.add_done_callback(lambda _: self._checking.pop(mac, None))
+        if not await asyncio.shield(pending):
             raise InvalidClient("client authentication failed")
         if len(self._verified) > 10_000:
             self._verified.clear()

@@ -549,3 +549,21 @@ async def test_a_cancelled_append_still_completes(
     assert [json.loads(line)["event"] for line in _lines(audit_path)][-1] == "cancelled"
     assert len(await _index(database)) == 2
     assert (await log.verify()).ok
+
+
+async def test_a_burst_larger_than_one_batch_keeps_one_ordered_chain(
+    log: AuditLog, audit_path: Path, database: Database
+) -> None:
+    records = await asyncio.gather(
+        *(log.append("token.issued", outcome="success", n=n) for n in range(600))
+    )
+    # Each caller gets its own record back, in one gap-free chain.
+    assert sorted(r.seq for r in records) == list(range(1, 601))
+    assert [r.data["n"] for r in sorted(records, key=lambda r: r.seq)] == list(range(600))
+    lines = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert [line["seq"] for line in lines] == list(range(1, 601))
+    report = await log.verify()
+    assert report.ok and report.records == 600, report.problem
+    async with database.sessions() as session:
+        rows = (await session.execute(select(AuditIndex.seq))).scalars().all()
+    assert sorted(rows) == list(range(1, 601))

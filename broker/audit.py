@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -50,6 +50,14 @@ _READ_CHUNK = 1 << 16
 _BATCH = 256  # records per fsync and SQL transaction
 _Entry = tuple[str, str, str | None, dict[str, Any]]  # event, outcome, actor, data
 _INSERT_BATCH = 500
+
+
+def _index_row(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "chain": record.chain, "seq": record.seq, "ts": record.ts, "event": record.event,
+        "actor": record.actor, "outcome": record.outcome, "record_hash": record.hash,
+        "prev_hash": record.prev, "data": record.data,
+    }  # fmt: skip
 
 
 def _json_default(value: object) -> str:
@@ -347,27 +355,15 @@ class AuditLog:
             )
         return record
 
-    def _row(self, record: AuditRecord) -> AuditIndex:
-        return AuditIndex(
-            chain=record.chain,
-            seq=record.seq,
-            ts=record.ts,
-            event=record.event,
-            actor=record.actor,
-            outcome=record.outcome,
-            record_hash=record.hash,
-            prev_hash=record.prev,
-            data=record.data,
-        )
-
     async def _index(self, records: list[AuditRecord]) -> None:
         first, last = records[0], records[-1]
         where = (
             f"audit records {first.chain}/{first.seq}-{last.seq} are in {self.path} but not indexed"
         )
         try:
-            async with self.db.sessions() as session, session.begin():
-                session.add_all([self._row(record) for record in records])
+            rows = [_index_row(record) for record in records]
+            async with self.db.engine.begin() as conn:  # Core executemany: no ORM overhead
+                await conn.execute(insert(AuditIndex), rows)
         except IntegrityError as exc:
             raise ServerError(
                 "the audit log cannot be written",
@@ -564,18 +560,14 @@ class AuditLog:
                 break
             valid.append(rec)
             prev = rec
-        missing = [self._row(r) for r in valid if r.seq not in index]
+        missing = [_index_row(r) for r in valid if r.seq not in index]
         added = 0
-        insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
+        upsert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
         try:
             for start in range(0, len(missing), _INSERT_BATCH):
                 batch = missing[start : start + _INSERT_BATCH]
-                values = [
-                    {c.key: getattr(row, c.key) for c in AuditIndex.__table__.columns}
-                    for row in batch
-                ]
                 # A concurrent append may index the same seq meanwhile; that row wins.
-                stmt = insert(AuditIndex).values(values).on_conflict_do_nothing()
+                stmt = upsert(AuditIndex).values(batch).on_conflict_do_nothing()
                 async with self.db.sessions() as session, session.begin():
                     await session.execute(stmt)
                 added += len(batch)

@@ -230,6 +230,35 @@ def _load_file(
     return policies, limits
 
 
+_MEMO_SIZE = 4096
+
+
+def _request_key(
+    principal: PrincipalLike | None,
+    action: str,
+    resource: Resource,
+    context: Mapping[str, Any] | None,
+    client: str | None,
+) -> str:
+    """Everything a decision depends on, as one canonical string."""
+    who = (
+        None
+        if principal is None
+        else [principal.id, principal.idp, sorted(principal.groups),
+              sorted(principal.affiliation), principal.email, principal.acr, principal.mfa]
+    )  # fmt: skip
+    what = [resource.type, resource.id, resource.attrs, resource.parents]
+    return json.dumps(
+        [who, action, what, context or {}, client], sort_keys=True, default=_entity_ref_json
+    )
+
+
+def _entity_ref_json(value: object) -> object:
+    if isinstance(value, EntityRef):
+        return {"__entity": [value.type, value.id]}
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 class PolicyEngine:
     """Evaluates requests against a parsed, schema-validated Cedar policy set.
 
@@ -253,6 +282,7 @@ class PolicyEngine:
         self._schema = schema
         self._limits = dict(limits)
         self._static_uids = frozenset((e.type, e.id) for e in entities)
+        self._memo: dict[str, Decision] = {}
         try:
             doc = json.dumps([_entity_json(e) for e in entities])
             self._entities = cedarpy.Entities.from_json_str(doc, schema)
@@ -323,9 +353,22 @@ class PolicyEngine:
         `reasons` are the matching forbids (empty if no permit matched). Errors deny.
         """
         try:
-            return self._decide(principal, action, resource, context, client)
+            key = _request_key(principal, action, resource, context, client)
+        except (TypeError, ValueError):
+            key = None  # not JSON-able: evaluate without the memo (and most likely deny)
+        if key is not None and (memo := self._memo.get(key)) is not None:
+            return memo
+        try:
+            decision = self._decide(principal, action, resource, context, client)
         except Exception as exc:  # fail closed on anything the engine or cedarpy raises
             return Decision(allowed=False, errors=(f"{type(exc).__name__}: {exc}",))
+        if key is not None:
+            # The policy set and static entities never change for this engine, so a decision
+            # is a pure function of the request: remember recent ones (hot paths repeat).
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[key] = decision
+        return decision
 
     def _decide(
         self,

@@ -299,3 +299,15 @@ def test_decide_reuses_the_parsed_handle(engine: PolicyEngine) -> None:
     per_call = (time.perf_counter() - start) / n
     print(f"decide(): {per_call * 1e6:.0f} µs per call")
     assert len(decisions) == 1 and next(iter(decisions)).allowed
+
+
+def test_remembered_decisions_still_depend_on_every_input(engine: PolicyEngine) -> None:
+    broker = Resource("Broker", "broker")
+    admin = principal(groups=("broker-admins",), mfa=True)
+    # Same principal id each time; only groups, mfa or context differ.
+    for _ in range(2):  # the second round is answered from the memo
+        assert engine.decide(admin, "admin", broker).allowed
+        assert not engine.decide(principal(groups=(), mfa=True), "admin", broker).allowed
+        assert not engine.decide(principal(groups=("broker-admins",)), "admin", broker).allowed
+        assert engine.decide(principal(), "launch", AWS, SMALL_LAUNCH).allowed
+        assert not engine.decide(principal(), "launch", AWS, {**SMALL_LAUNCH, "cpu": 3}).allowed

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -39,6 +37,9 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
 from broker.errors import ConfigurationError, UpstreamFailed
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -199,6 +200,8 @@ def alembic_config(url: str | None = None) -> Config:
     `url` is only needed for Alembic's offline (`--sql`) mode; `Database.upgrade` hands the
     migrations a live connection instead.
     """
+    from alembic.config import Config  # only migrations need Alembic (~11 MB): import late
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if url is not None:
@@ -208,6 +211,8 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def _run_migrations(connection: Connection) -> None:
+    from alembic import command
+
     cfg = alembic_config()
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, "head")

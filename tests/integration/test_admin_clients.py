@@ -21,7 +21,6 @@ from broker.oauth.clients import check_secret
 from broker.services import Services
 from tests.integration.test_introspect_revoke import (
     api,
-    audit_events,
     bearer,
     client_token,
     oauth_settings,
@@ -30,7 +29,7 @@ from tests.integration.test_introspect_revoke import (
     svc,
     user_token,
 )
-from tests.peers.broker import Checked, ContractClient
+from tests.peers.broker import Checked, ContractClient, audit_events
 
 __all__ = ["api", "oauth_settings", "svc"]  # fixtures shared with the introspection tests
 ADMIN_GROUPS = ("broker-admins",)

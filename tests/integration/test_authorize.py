@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from broker.app import app_with_services
 from broker.devvault import DevVault
 from broker.oauth.clients import hash_secret
 from broker.services import Services
-from tests.peers.broker import ContractClient, make_settings, sign_in, start_broker
+from tests.peers.broker import ContractClient, audit_events, make_settings, sign_in, start_broker
 
 HUB = "https://hub.example.org/oauth_callback"
 THIRD = "https://third.example.net/cb"
@@ -67,12 +66,6 @@ async def oauth(
     async with TestClient(TestServer(app_with_services(services))) as raw:
         yield services, ContractClient(raw)
     await services.close()
-
-
-def events(svc: Services, name: str) -> list[dict[str, Any]]:
-    path = Path(svc.settings.audit.path)
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [r for r in map(json.loads, lines) if r["event"] == name]
 
 
 def authorize_params(
@@ -143,7 +136,7 @@ async def test_code_flow_with_pkce_refresh_and_id_token(
     assert refreshed.status == 200, refreshed.text
     assert refreshed.json()["scope"] == "openid"
     assert refreshed.json()["refresh_token"] != body["refresh_token"]
-    issued = events(svc, "token.issued")
+    issued = audit_events(svc, "token.issued")
     assert [e["data"]["grant_type"] for e in issued] == ["authorization_code", "refresh_token"]
     assert issued[0]["data"]["policies"] == ["exchange-signed-in"]
 
@@ -185,7 +178,7 @@ async def test_refresh_token_reuse_revokes_the_family(
         data={"grant_type": "refresh_token", "refresh_token": second["refresh_token"]},
     )
     assert after.status == 400  # the legitimate successor died with the family
-    assert len(events(svc, "token.issued")) == 2
+    assert len(audit_events(svc, "token.issued")) == 2
 
 
 async def test_code_replay_revokes_what_it_issued(oauth: tuple[Services, ContractClient]) -> None:
@@ -216,7 +209,9 @@ async def test_code_replay_revokes_what_it_issued(oauth: tuple[Services, Contrac
         data={"grant_type": "refresh_token", "refresh_token": first.json()["refresh_token"]},
     )
     assert refresh.status == 400
-    assert len(events(svc, "code.replayed")) == 1 and len(events(svc, "token.issued")) == 1
+    assert (
+        len(audit_events(svc, "code.replayed")) == 1 and len(audit_events(svc, "token.issued")) == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -251,7 +246,7 @@ async def test_bad_requests_go_back_to_the_client_with_an_error(
     assert "code" not in answer
     assert expected in answer["error"][0] or expected in answer["error_description"][0]
     assert answer["iss"] == [svc.settings.server.public_url]
-    assert events(svc, "authorization.granted") == []
+    assert audit_events(svc, "authorization.granted") == []
 
 
 @pytest.mark.parametrize(
@@ -277,7 +272,7 @@ async def test_unregistered_redirect_uri_shows_a_page_and_never_redirects(
     assert "Location" not in response.headers
     assert "return address is not registered" in response.text
     assert "request id" in response.text
-    assert events(svc, "authorization.granted") == []
+    assert audit_events(svc, "authorization.granted") == []
 
 
 async def test_unknown_client_shows_a_page(oauth: tuple[Services, ContractClient]) -> None:
@@ -324,12 +319,12 @@ async def test_code_redemption_attacks_issue_nothing(
     assert response.status == 400
     assert response.json()["error"] in ("invalid_grant", "invalid_request")
     assert error_text in response.json()["error_description"]
-    assert events(svc, "token.issued") == []
+    assert audit_events(svc, "token.issued") == []
     # The code was burnt by the failed attempt: the legitimate redemption fails too.
     form.update(code_verifier=verifier, redirect_uri=HUB)
     form.pop("client_id", None)
     late = await client.post("/oauth/token", headers=basic("hub", SECRET), data=form)
-    assert late.status == 400 and events(svc, "token.issued") == []
+    assert late.status == 400 and audit_events(svc, "token.issued") == []
 
 
 async def test_third_party_client_needs_consent_remembered_and_revocable(
@@ -352,7 +347,7 @@ async def test_third_party_client_needs_consent_remembered_and_revocable(
         data={"req": fields["req"], "csrf": "forged", "decision": "approve"},
         headers={"Accept": "text/html"},
     )
-    assert forged.status == 400 and events(svc, "consent.granted") == []
+    assert forged.status == 400 and audit_events(svc, "consent.granted") == []
     approved = await client.post(
         "/oauth/authorize/consent",
         data={**fields, "decision": "approve"},
@@ -405,7 +400,7 @@ async def test_third_party_client_needs_consent_remembered_and_revocable(
         headers={"Accept": "text/html"},
     )
     assert third.status == 200 and "Allow access?" in third.text
-    assert len(events(svc, "consent.revoked")) == 1
+    assert len(audit_events(svc, "consent.revoked")) == 1
 
 
 async def test_prompt_none_without_session_returns_login_required(

@@ -8,7 +8,6 @@ audit chain still verifies. The helpers here are shared with test_cli_login.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -27,7 +26,14 @@ from broker.oauth.clients import CLI_CLIENT_ID
 from broker.oauth.device import DEVICE_CODE_GRANT, MAX_WRONG_CODES
 from broker.services import Services
 from broker.sessions import SESSION_COOKIE
-from tests.peers.broker import Checked, ContractClient, make_settings, sign_in, start_broker
+from tests.peers.broker import (
+    Checked,
+    ContractClient,
+    audit_events,
+    make_settings,
+    sign_in,
+    start_broker,
+)
 
 HTML = {"Accept": "text/html"}
 OTHER_CLIENT = "other-cli"
@@ -135,14 +141,6 @@ def error_of(response: Checked) -> str:
     assert response.status == 400, (response.status, response.text)
     assert response.headers["Cache-Control"] == "no-store"
     return str(response.json()["error"])
-
-
-def audit_events(svc: Services, event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(svc.settings.audit.path)
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
 
 
 async def assert_audit_intact(svc: Services) -> None:

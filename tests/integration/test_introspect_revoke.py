@@ -29,7 +29,7 @@ from broker.oauth.clients import hash_secret
 from broker.oauth.issuance import Issued, TokenRequest, issue, remember_principal
 from broker.services import Services
 from broker.settings import Settings
-from tests.peers.broker import Checked, ContractClient, make_settings, start_broker
+from tests.peers.broker import Checked, ContractClient, audit_events, make_settings, start_broker
 
 LAUNCHER_AUD = "https://launcher.example.org"
 RS_AUD = "https://rs.example.org"
@@ -136,12 +136,6 @@ async def user_token(
         scopes=list(scopes), audience=list(audience), refresh=refresh, dpop_jkt=dpop_jkt,
     )  # fmt: skip
     return await issue(svc, request)
-
-
-def audit_events(svc: Services, event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(svc.settings.audit.path)
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
 
 
 async def introspect(

@@ -177,3 +177,12 @@ async def sign_in(
         body = await response.read()
         cookies = {k: v.value for k, v in response.cookies.items()}
         return Checked(response.status, CIMultiDict(response.headers), body, cookies)
+
+
+def audit_events(svc: Services, event: str | None = None) -> list[dict[str, Any]]:
+    """The audit records written so far (all, or only those of `event`)."""
+    path = Path(svc.settings.audit.path)
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if event is None or r["event"] == event]

@@ -24,7 +24,7 @@ from broker.app import app_with_services
 from broker.devvault import DevVault
 from broker.services import Services
 from broker.sessions import FLOW_COOKIE, SESSION_COOKIE
-from tests.peers.broker import Checked, ContractClient, make_settings, start_broker
+from tests.peers.broker import Checked, ContractClient, audit_events, make_settings, start_broker
 
 HTML = {"Accept": "text/html"}
 BANNER = "DEVELOPMENT MODE"
@@ -103,14 +103,6 @@ class Browser:
                           page.text)  # fmt: skip
         assert found is not None, page.text
         return found.group(1)
-
-
-def audit_events(broker: Services, event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(broker.settings.audit.path)
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
 
 
 async def assert_audit_intact(broker: Services) -> None:

@@ -25,7 +25,7 @@ from broker.devvault import DevVault
 from broker.oauth.clients import hash_secret
 from broker.oauth.issuance import TokenRequest, issue, remember_principal
 from broker.services import Services
-from tests.peers.broker import ContractClient, make_settings, start_broker
+from tests.peers.broker import ContractClient, audit_events, make_settings, start_broker
 
 SECRET_A, SECRET_B = "secret-a-0123456789", "secret-b-0123456789"
 ISSUER = "http://127.0.0.1:8080"
@@ -88,12 +88,6 @@ async def server(
     async with TestClient(TestServer(app_with_services(services))) as raw:
         yield services, ContractClient(raw)
     await services.close()
-
-
-def issued_count(svc: Services) -> int:
-    path = Path(svc.settings.audit.path)
-    lines = path.read_text().splitlines() if path.exists() else []
-    return sum(1 for line in lines if json.loads(line)["event"] == "token.issued")
 
 
 async def test_dpop_binds_the_token_and_the_resource_demands_the_proof(
@@ -223,7 +217,7 @@ async def test_token_endpoint_refuses_bad_dpop_proofs_and_issues_nothing(
         proof = holder.proof("POST", f"{ISSUER}/oauth/other")
     elif attack == "stale-iat":
         proof = holder.proof("POST", TOKEN_URL, iat=int(time.time()) - 3600)
-    before = issued_count(svc)
+    before = len(audit_events(svc, "token.issued"))
     headers = {**basic(client_id, SECRET_A), "DPoP": proof}
     if attack == "missing-required":
         headers = basic("bound", SECRET_A)
@@ -232,7 +226,7 @@ async def test_token_endpoint_refuses_bad_dpop_proofs_and_issues_nothing(
     )
     assert response.status == 400
     assert response.json()["error"] == "invalid_dpop_proof"
-    assert issued_count(svc) == before
+    assert len(audit_events(svc, "token.issued")) == before
 
 
 async def test_refresh_token_of_client_a_is_useless_to_client_b(
@@ -255,14 +249,14 @@ async def test_refresh_token_of_client_a_is_useless_to_client_b(
         ),
     )
     refresh = issued.body["refresh_token"]
-    before = issued_count(svc)
+    before = len(audit_events(svc, "token.issued"))
     stolen = await client.post(
         "/oauth/token",
         headers=basic("b", SECRET_B),
         data={"grant_type": "refresh_token", "refresh_token": refresh},
     )
     assert stolen.status == 400 and stolen.json()["error"] == "invalid_grant"
-    assert issued_count(svc) == before
+    assert len(audit_events(svc, "token.issued")) == before
     # The failed theft did not burn the token for its rightful owner.
     rightful = await client.post(
         "/oauth/token",
@@ -320,14 +314,14 @@ async def test_malformed_token_requests(
     error: str,
 ) -> None:
     svc, client = server
-    before = issued_count(svc)
+    before = len(audit_events(svc, "token.issued"))
     response = await client.post(
         "/oauth/token", data=body, headers={**basic("a", SECRET_A), **headers}
     )
     assert response.status == status
     assert response.json()["error"] == error
     assert response.headers["Cache-Control"] == "no-store"
-    assert issued_count(svc) == before
+    assert len(audit_events(svc, "token.issued")) == before
 
 
 @pytest.mark.parametrize(
@@ -345,7 +339,7 @@ async def test_client_authentication_failures_issue_nothing(
     server: tuple[Services, ContractClient], headers: dict[str, str], form: dict[str, str]
 ) -> None:
     svc, client = server
-    before = issued_count(svc)
+    before = len(audit_events(svc, "token.issued"))
     response = await client.post(
         "/oauth/token", headers=headers, data={"grant_type": "client_credentials", **form}
     )
@@ -353,7 +347,7 @@ async def test_client_authentication_failures_issue_nothing(
     assert response.json()["error"] in ("invalid_client", "invalid_request")
     if "Authorization" in headers and response.status == 401:
         assert response.headers["WWW-Authenticate"].startswith("Basic")
-    assert issued_count(svc) == before
+    assert len(audit_events(svc, "token.issued")) == before
 
 
 async def test_dpop_nonce_is_demanded_when_configured(
@@ -383,7 +377,7 @@ async def test_dpop_nonce_is_demanded_when_configured(
             )
             assert first.status == 400 and first.json()["error"] == "use_dpop_nonce"
             nonce = first.headers["DPoP-Nonce"]
-            assert issued_count(services) == 0
+            assert len(audit_events(services, "token.issued")) == 0
             forged = await client.post(
                 "/oauth/token",
                 headers={**headers, "DPoP": holder.proof("POST", TOKEN_URL, nonce="made-up")},
@@ -397,6 +391,6 @@ async def test_dpop_nonce_is_demanded_when_configured(
             )
             assert second.status == 200, second.text
             assert second.json()["token_type"] == "DPoP"
-            assert issued_count(services) == 1
+            assert len(audit_events(services, "token.issued")) == 1
     finally:
         await services.close()

@@ -16,7 +16,6 @@ State lives in the shared cache, so any replica can answer any step:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -34,6 +33,7 @@ from broker.errors import (
 from broker.oauth.clients import Client
 from broker.oauth.forms import read_oauth_form
 from broker.oauth.issuance import Issued, TokenRequest, issue, load_principal, remember_principal
+from broker.oauth.refresh import token_hash
 from broker.oauth.token import GrantContext, grant, require, token_response
 from broker.pages import esc, render
 from broker.routes.login import current_session, read_form
@@ -76,10 +76,6 @@ class TooManyAttempts(BrokerError):
 # --- codes and cache keys ------------------------------------------------------------------
 
 
-def _sha256(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
 def new_user_code() -> str:
     """Eight characters of `USER_CODE_ALPHABET` (about 34.5 bits), unformatted."""
     return "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(USER_CODE_LENGTH))
@@ -103,7 +99,7 @@ def _state_key(h: str) -> str:
 
 
 def _user_key(code: str) -> str:
-    return f"device-user:{_sha256(code)}"
+    return f"device-user:{token_hash(code)}"
 
 
 def _decision_key(h: str) -> str:
@@ -119,7 +115,7 @@ def _slow_key(h: str) -> str:
 
 
 def _attempts_key(session: Session) -> str:
-    return f"device-attempts:{_sha256(session.id)}"
+    return f"device-attempts:{token_hash(session.id)}"
 
 
 async def _load_state(svc: Services, h: str) -> dict[str, Any] | None:
@@ -146,7 +142,7 @@ async def device_authorization(request: web.Request) -> web.Response:
     ttl = settings.device_code_ttl
     expires_at = time.time() + ttl
     device_code = secrets.token_urlsafe(32)
-    h = _sha256(device_code)
+    h = token_hash(device_code)
     state = {
         "client_id": client.id,
         "scopes": scopes,
@@ -182,7 +178,7 @@ async def device_authorization(request: web.Request) -> web.Response:
 async def device_code_grant(ctx: GrantContext) -> Issued:
     """Answer one poll: pending, slow_down, denied, expired, or (once) the tokens."""
     svc = ctx.svc
-    h = _sha256(require(ctx.form, "device_code"))
+    h = token_hash(require(ctx.form, "device_code"))
     state = await _load_state(svc, h)
     # A code of another client is answered exactly like an unknown one.
     if state is None or state["client_id"] != ctx.client.id:

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -437,6 +437,15 @@ class OAuthSettings(_Model):
     cli_client: bool = Field(default=True, description="register the public client broker-cli")
 
 
+def _first_duplicate(values: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
+
+
 class Settings(_Model):
     server: ServerSettings
     vault: VaultSettings
@@ -456,11 +465,8 @@ class Settings(_Model):
     @field_validator("clients")
     @classmethod
     def _unique_clients(cls, items: list[ClientConfig]) -> list[ClientConfig]:
-        seen: set[str] = set()
-        for item in items:
-            if item.client_id in seen:
-                raise ValueError(f"two clients share the client_id {item.client_id!r}")
-            seen.add(item.client_id)
+        if (twin := _first_duplicate(item.client_id for item in items)) is not None:
+            raise ValueError(f"two clients share the client_id {twin!r}")
         return items
 
     @field_validator("upstreams", "backends")
@@ -468,11 +474,8 @@ class Settings(_Model):
     def _unique_ids(cls, items: list[Any], info: ValidationInfo) -> list[Any]:
         # A field validator (not a model one) so duplicates are reported alongside any
         # other problem in the file.
-        seen: set[str] = set()
-        for item in items:
-            if item.id in seen:
-                raise ValueError(f"two entries share the id {item.id!r}")
-            seen.add(item.id)
+        if (twin := _first_duplicate(item.id for item in items)) is not None:
+            raise ValueError(f"two entries share the id {twin!r}")
         return items
 
 

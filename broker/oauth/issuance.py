@@ -48,7 +48,8 @@ class TokenRequest:
 
 
 def profile_claims(principal: Principal, scopes: Sequence[str]) -> dict[str, Any]:
-    """OpenID Connect standard claims the scopes allow (Core §5.4), plus `groups`."""
+    """OpenID Connect standard claims the scopes allow (Core §5.4), plus `groups` and
+    `affiliation` (eduPersonScopedAffiliation values, already checked against the IdP's scopes)."""
     claims: dict[str, Any] = {}
     if "profile" in scopes:
         claims["name"] = principal.display_name or principal.subject
@@ -57,6 +58,8 @@ def profile_claims(principal: Principal, scopes: Sequence[str]) -> dict[str, Any
         claims["email"] = principal.email
     if "groups" in scopes:
         claims["groups"] = list(principal.groups)
+        if principal.affiliation:
+            claims["affiliation"] = list(principal.affiliation)
     return claims
 
 
@@ -114,6 +117,8 @@ async def issue(svc: Services, req: TokenRequest) -> Issued:
     cnf = {"jkt": req.dpop_jkt} if req.dpop_jkt else None
     if principal is not None and "groups" in req.scopes:
         extra["groups"] = list(principal.groups)
+        if principal.affiliation:
+            extra["affiliation"] = list(principal.affiliation)
     body: dict[str, Any] = {}
     if req.requested_token_type == ID_TOKEN_TYPE:
         if principal is None:

@@ -62,7 +62,7 @@ def provider_metadata(issuer: str, served_paths: set[str], scopes: set[str]) -> 
     meta["scopes_supported"] = sorted(scopes)
     meta["claims_supported"] = [
         "iss", "sub", "aud", "exp", "iat", "auth_time", "acr", "jti", "nonce", "azp",
-        "name", "preferred_username", "email", "groups",
+        "name", "preferred_username", "email", "groups", "affiliation",
     ]  # fmt: skip
     meta["service_documentation"] = f"{issuer}/"
     return meta

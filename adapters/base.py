@@ -157,17 +157,65 @@ class Refreshable(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class RouteDef:
-    method: str
-    path: str
-    name: str
+class Document:
+    """A document an upstream publishes (SAML SP metadata, LTI tool JWKS)."""
+
+    content_type: str
+    body: bytes
 
 
 @runtime_checkable
 class ServesMetadata(Protocol):
-    """SAML SP metadata, LTI tool JWKS, ..."""
+    """Served by the broker at `GET /login/{upstream id}/metadata`."""
 
-    def routes(self) -> Sequence[RouteDef]: ...
+    def metadata(self) -> Document: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IdpChoice:
+    """One identity provider behind a federated upstream, as the chooser lists it."""
+
+    entity_id: str
+    display_name: str
+
+
+@runtime_checkable
+class Federated(Protocol):
+    """An upstream that fronts many IdPs (a SAML federation): the chooser searches it and
+    passes the chosen entity id to `begin` as `LoginFlow.idp_hint`."""
+
+    def find_idps(self, query: str, limit: int) -> Sequence[IdpChoice]:
+        """IdPs whose display name (or entity id) contains every word of `query`, best first;
+        an empty query lists the first `limit` in display-name order."""
+        ...
+
+    async def idp(self, entity_id: str) -> IdpChoice | None:
+        """The IdP with this entity id, or None: a dictionary lookup, never a scan (an MDQ
+        source may fetch the entity the first time it is asked for)."""
+        ...
+
+
+@runtime_checkable
+class Lifecycle(Protocol):
+    """An upstream with background work (metadata refresh): started after the broker's
+    peers are up, closed at shutdown."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ReplayCache(Protocol):
+    """The part of the broker's shared cache an adapter may use (assertion-id, nonce and
+    state replay checks). `add` is atomic across replicas: exactly one caller gets True."""
+
+    async def add(self, key: str, value: str, ttl: float) -> bool: ...
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def set(self, key: str, value: str, ttl: float) -> None: ...
+
+    async def pop(self, key: str) -> str | None: ...
 
 
 class Backend(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import secrets
 from functools import cache
 from importlib import resources
 from string import Template
@@ -26,9 +27,27 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def render(request: web.Request, title: str, body_html: str, *, status: int = 200) -> web.Response:
-    """A full page. `body_html` must already be escaped by the caller (use `esc`)."""
+def render(
+    request: web.Request,
+    title: str,
+    body_html: str,
+    *,
+    status: int = 200,
+    script: str = "",
+    form_action: str = "",
+) -> web.Response:
+    """A full page. `body_html` must already be escaped by the caller (use `esc`).
+
+    `script` is trusted inline JavaScript (a constant, never built from input), allowed by a
+    per-response CSP nonce; `form_action` is one more origin forms may post to.
+    """
     dev_mode = request.app.get(DEV_MODE, False)
+    csp = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+    csp += f"; form-action 'self' {form_action}".rstrip()
+    if script:
+        nonce = secrets.token_urlsafe(16)
+        body_html += f'<script nonce="{nonce}">{script}</script>'
+        csp += f"; script-src 'nonce-{nonce}'; connect-src 'self'"
     page = _base().substitute(
         title=esc(title),
         body=body_html,
@@ -38,8 +57,6 @@ def render(request: web.Request, title: str, body_html: str, *, status: int = 20
     response = web.Response(text=page, status=status, content_type="text/html", charset="utf-8")
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
-    )
+    response.headers["Content-Security-Policy"] = csp
     response.headers["Referrer-Policy"] = "no-referrer"
     return response

@@ -318,8 +318,143 @@ class DevUpstreamConfig(_Model):
         return self
 
 
+_UPSTREAM_ID = r"^[a-z0-9][a-z0-9_-]*$"
+JwsAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+
+
+def _http_url(value: str) -> str:
+    """An absolute URL, https unless the host is loopback (tests, `broker dev`)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must use https unless the host is loopback")
+    return value
+
+
+HttpUrl = Annotated[str, BeforeValidator(lambda v: _http_url(v) if isinstance(v, str) else v)]
+
+
+def _default_id_token_algs() -> list[JwsAlgorithm]:
+    return ["RS256", "ES256"]
+
+
+class OidcClaimMapping(_Model):
+    """Which ID-token / userinfo claim fills each `Principal` field."""
+
+    subject: str = "sub"
+    email: str = "email"
+    name: str = "name"
+    groups: str = "groups"
+    affiliation: str = "eduperson_scoped_affiliation"
+
+
+class OidcUpstreamConfig(_Model):
+    """Sign-in at an OpenID provider (CILogon, Google, Keycloak, ...): code flow with PKCE."""
+
+    type: Literal["oidc"]
+    id: str = Field(pattern=_UPSTREAM_ID)
+    display_name: str
+    issuer: Annotated[str, BeforeValidator(check_issuer_url)]
+    client_id: str = Field(min_length=1)
+    client_secret: SecretRef | None = None  # None: a public client (PKCE only)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    id_token_algs: list[JwsAlgorithm] = Field(default_factory=_default_id_token_algs)
+    claims: OidcClaimMapping = OidcClaimMapping()
+    use_userinfo: bool = True
+    # CILogon: "selected_idp" (or "idphint"); the chooser's entity hint is passed through.
+    idp_hint_param: str | None = None
+    auth_params: dict[str, str] = Field(default_factory=dict)
+    keep_refresh_token: bool = False  # stored in Vault; enables upstream refresh
+    clock_skew: Duration = 60
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, scopes: list[str]) -> list[str]:
+        if "openid" not in scopes:
+            raise ValueError("must include 'openid'")
+        return scopes
+
+    @field_validator("id_token_algs")
+    @classmethod
+    def _some_algs(cls, algs: list[JwsAlgorithm]) -> list[JwsAlgorithm]:
+        if not algs:
+            raise ValueError("list at least one algorithm")
+        return algs
+
+
+class MetadataFileConfig(_Model):
+    """SAML metadata from a local file, trusted as it is (the operator put it there)."""
+
+    file: Path
+
+
+class MetadataUrlConfig(_Model):
+    """A remote (aggregate) metadata document whose signature is checked against `signing_cert`
+    (a PEM file). Refreshed per its validUntil/cacheDuration; the last good copy is kept."""
+
+    url: HttpUrl
+    signing_cert: Path
+    min_refresh: Duration = 300
+    max_refresh: Duration = 86400
+
+
+class MetadataMdqConfig(_Model):
+    """A Metadata Query (MDQ) service: `{mdq}/entities/{sha1 of entity id}` on demand, each
+    answer's signature checked against `signing_cert`."""
+
+    mdq: HttpUrl
+    signing_cert: Path
+    cache_ttl: Duration = 3600
+
+
+def _metadata_kind(value: Any) -> str | None:
+    keys = value.keys() if isinstance(value, Mapping) else type(value).model_fields.keys()
+    for key in ("file", "url", "mdq"):
+        if key in keys:
+            return f"source={key}"
+    return None
+
+
+MetadataSourceConfig = Annotated[
+    Annotated[MetadataFileConfig, Tag("source=file")]
+    | Annotated[MetadataUrlConfig, Tag("source=url")]
+    | Annotated[MetadataMdqConfig, Tag("source=mdq")],
+    Discriminator(
+        _metadata_kind,
+        custom_error_type="metadata_source",
+        custom_error_message=(
+            'a metadata source is { file = "…" }, { url = "…", signing_cert = "…" } or '
+            '{ mdq = "…", signing_cert = "…" }'
+        ),
+    ),
+]
+
+
+class SamlUpstreamConfig(_Model):
+    """A SAML 2.0 service provider for one campus IdP or a whole federation."""
+
+    type: Literal["saml"]
+    id: str = Field(pattern=_UPSTREAM_ID)
+    display_name: str
+    entity_id: str | None = None  # default: {public_url}/login/{id}/metadata
+    sp_key: SecretRef  # PEM private key: signs AuthnRequests, decrypts assertions
+    sp_cert: Path  # PEM certificate published in the SP metadata
+    metadata: list[MetadataSourceConfig] = Field(min_length=1)
+    idp: str | None = None  # one IdP entity id; without it the chooser searches the metadata
+    entity_categories: list[str] = Field(default_factory=list)  # IdP filter (any of)
+    registration_authorities: list[str] = Field(default_factory=list)  # IdP filter (any of)
+    clock_skew: Duration = 60
+    mfa_contexts: list[str] = Field(default_factory=lambda: ["https://refeds.org/profile/mfa"])
+    requested_authn_context: list[str] = Field(default_factory=list)
+
+
 UpstreamConfig = Annotated[
-    Annotated[DevUpstreamConfig, Tag("type=dev")],
+    Annotated[DevUpstreamConfig, Tag("type=dev")]
+    | Annotated[OidcUpstreamConfig, Tag("type=oidc")]
+    | Annotated[SamlUpstreamConfig, Tag("type=saml")],
     Discriminator(_tag_by("type")),
 ]
 

@@ -6,14 +6,25 @@ most once. `next` is only ever a path on this broker, so sign-in is never an ope
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
-from adapters.base import FormPost, LocalForm, LoginFlow, Principal, Redirect, Upstream
-from broker.errors import AccessDenied, InvalidRequest, NotFound
+from adapters.base import (
+    Federated,
+    FormPost,
+    LocalForm,
+    LoginFlow,
+    Principal,
+    Redirect,
+    ServesMetadata,
+    Upstream,
+)
+from broker.errors import AccessDenied, BrokerError, InvalidRequest, NotFound
 from broker.pages import esc, render
 from broker.services import Services
 from broker.sessions import FLOW_COOKIE, FLOW_TTL, SESSION_COOKIE, Session
@@ -21,6 +32,10 @@ from broker.state import services
 from policies.engine import Resource
 
 _LOCAL_PATH = re.compile(r"^/(?![/\\])[^\s\\]*$")
+LAST_IDP_COOKIE = "broker_last_idp"
+LAST_IDP_TTL = 180 * 86400
+HANDOFF_TTL = 60
+MAX_RESULTS = 50
 
 
 def safe_next(value: str | None) -> str:
@@ -57,35 +72,206 @@ async def current_session(request: web.Request) -> Session | None:
 
 
 async def chooser(request: web.Request) -> web.StreamResponse:
-    """GET /login: begin with the hinted upstream, or list every configured one."""
+    """GET /login: begin with the hinted upstream (and IdP), or show the chooser.
+
+    `idp` names an upstream, or an IdP entity id behind a federated upstream (as a launcher
+    passes it through /oauth/authorize); `entity` picks the IdP within a federation; `q`
+    searches the federations' IdPs (the page works without JavaScript).
+    """
     svc = services(request)
     next_url = safe_next(request.query.get("next"))
     hint = request.query.get("idp")
+    entity = request.query.get("entity") or None
+    only: Upstream | None = None
     if hint is not None:
         upstream = svc.upstreams.get(hint)
         if upstream is None:
-            raise NotFound("No sign-in option has that name.")
-        return await _begin(request, svc, upstream, next_url)
-    if len(svc.upstreams) == 1:
-        return await _begin(request, svc, next(iter(svc.upstreams.values())), next_url)
-    items = "".join(
-        f'<li><a href="/login?idp={esc(u.id)}&amp;next={esc(next_url)}">'
-        f"{esc(u.display_name)}</a></li>"
-        for u in svc.upstreams.values()
-    )
-    body = (
-        f'<p>Choose how to sign in.</p><ul class="choices">{items}</ul>'
-        if items
-        else (
+            found = await _federated_entity(svc, hint)
+            if found is None:
+                raise NotFound("No sign-in option has that name.")
+            upstream, entity = found
+        if not isinstance(upstream, Federated):
+            return await _begin(request, svc, upstream, next_url, entity)
+        if entity is not None:
+            if await upstream.idp(entity) is None:
+                raise NotFound("That institution is not in this federation.")
+            return await _begin(request, svc, upstream, next_url, entity)
+        only = upstream
+    choices = [only] if only else list(svc.upstreams.values())
+    if len(choices) == 1:
+        single = await _single_choice(choices[0])
+        if single is not None:
+            return await _begin(request, svc, choices[0], next_url, single)
+    body = await _chooser_body(request, svc, choices, next_url)
+    return render(request, "Sign in", body, script=_TYPE_AHEAD if "data-idps" in body else "")
+
+
+async def _single_choice(upstream: Upstream) -> str | None:
+    """The entity to begin with if this upstream offers exactly one way in, else None.
+    A plain upstream offers one ("" as entity); a federation offers one if it lists one IdP."""
+    if not isinstance(upstream, Federated):
+        return ""
+    idps = upstream.find_idps("", 2)
+    return idps[0].entity_id if len(idps) == 1 else None
+
+
+async def _federated_entity(svc: Services, entity_id: str) -> tuple[Upstream, str] | None:
+    for upstream in svc.upstreams.values():
+        if isinstance(upstream, Federated) and await upstream.idp(entity_id) is not None:
+            return upstream, entity_id
+    return None
+
+
+def _login_href(upstream: str, next_url: str, entity: str | None = None) -> str:
+    query = {"idp": upstream, "next": next_url} | ({"entity": entity} if entity else {})
+    return f"/login?{urlencode(query)}"
+
+
+async def _last_choice(
+    request: web.Request, svc: Services, next_url: str
+) -> tuple[str, str] | None:
+    """(link, name) of the browser's previous choice, if it still exists."""
+    saved = dict(parse_qsl(request.cookies.get(LAST_IDP_COOKIE, "")))
+    upstream = svc.upstreams.get(saved.get("idp", ""))
+    if upstream is None:
+        return None
+    entity = saved.get("entity") or None
+    if isinstance(upstream, Federated):
+        choice = await upstream.idp(entity) if entity else None
+        if choice is None:
+            return None
+        return _login_href(upstream.id, next_url, entity), choice.display_name
+    return _login_href(upstream.id, next_url), upstream.display_name
+
+
+async def _chooser_body(
+    request: web.Request, svc: Services, choices: list[Upstream], next_url: str
+) -> str:
+    if not choices:
+        return (
             "<p>No sign-in options are configured. Add an <code>[[upstreams]]</code> entry to the "
             "settings file.</p>"
         )
+    parts = ["<p>Choose how to sign in.</p>"]
+    last = await _last_choice(request, svc, next_url)
+    if last is not None:
+        parts.append(f'<p>Last time you used <a href="{esc(last[0])}">{esc(last[1])}</a>.</p>')
+    plain = [u for u in choices if not isinstance(u, Federated)]
+    if plain:
+        items = "".join(
+            f'<li><a href="{esc(_login_href(u.id, next_url))}">{esc(u.display_name)}</a></li>'
+            for u in plain
+        )
+        parts.append(f'<ul class="choices">{items}</ul>')
+    query = request.query.get("q", "").strip()[:100]
+    for upstream in choices:
+        if isinstance(upstream, Federated):
+            parts.append(_federation_section(upstream, query, next_url))
+    return "".join(parts)
+
+
+def _federation_section(upstream: Upstream, query: str, next_url: str) -> str:
+    assert isinstance(upstream, Federated)
+    found = upstream.find_idps(query, MAX_RESULTS + 1)
+    more = len(found) > MAX_RESULTS
+    items = "".join(
+        f'<li><a href="{esc(_login_href(upstream.id, next_url, idp.entity_id))}">'
+        f"{esc(idp.display_name)}</a></li>"
+        for idp in found[:MAX_RESULTS]
     )
-    return render(request, "Sign in", body)
+    if query and not found:
+        status = f"No institution matches “{esc(query)}”."
+    elif more:
+        status = "Type more of your institution's name to narrow the list."
+    else:
+        status = ""
+    uid = esc(upstream.id)
+    return (
+        f"<section><h2>{esc(upstream.display_name)}</h2>"
+        f'<form method="get" action="/login" role="search">'
+        f'<input type="hidden" name="idp" value="{uid}">'
+        f'<input type="hidden" name="next" value="{esc(next_url)}">'
+        f'<label for="q-{uid}">Find your institution</label>'
+        f'<input type="search" id="q-{uid}" name="q" value="{esc(query)}" autocomplete="off" '
+        f'data-idps="{uid}" aria-controls="r-{uid}" aria-describedby="s-{uid}">'
+        f'<button type="submit">Search</button></form>'
+        f'<p id="s-{uid}" class="muted" aria-live="polite">{status}</p>'
+        f'<ul id="r-{uid}" class="choices">{items}</ul></section>'
+    )
+
+
+# Type-ahead for the federation search; without JavaScript the form's Search button does
+# the same on the server. Results are built with textContent, never as HTML.
+_TYPE_AHEAD = """
+document.querySelectorAll('input[data-idps]').forEach(function (box) {
+  var list = document.getElementById(box.getAttribute('aria-controls'));
+  var status = document.getElementById(box.getAttribute('aria-describedby'));
+  var next = box.form.elements['next'].value, timer = null, seq = 0;
+  box.addEventListener('input', function () {
+    clearTimeout(timer);
+    timer = setTimeout(function () {
+      var mine = ++seq;
+      var url = '/login/idps?' + new URLSearchParams({idp: box.dataset.idps, q: box.value,
+                                                      next: next});
+      fetch(url, {headers: {Accept: 'application/json'}}).then(function (r) {
+        return r.json();
+      }).then(function (data) {
+        if (mine !== seq) return;
+        list.replaceChildren();
+        data.idps.forEach(function (idp) {
+          var li = document.createElement('li'), a = document.createElement('a');
+          a.href = idp.href; a.textContent = idp.display_name;
+          li.appendChild(a); list.appendChild(li);
+        });
+        status.textContent = data.idps.length ? (data.more ? 'Type more to narrow the list.' : '')
+                                              : 'No institution matches.';
+      });
+    }, 150);
+  });
+});
+"""
+
+
+async def idp_search(request: web.Request) -> web.StreamResponse:
+    """GET /login/idps?idp=…&q=…: the chooser's type-ahead (IdP names are public)."""
+    svc = services(request)
+    upstream = svc.upstreams.get(request.query.get("idp", ""))
+    if not isinstance(upstream, Federated):
+        raise NotFound("No federation has that name.")
+    next_url = safe_next(request.query.get("next"))
+    found = upstream.find_idps(request.query.get("q", "").strip()[:100], MAX_RESULTS + 1)
+    body = {
+        "idps": [
+            {
+                "entity_id": idp.entity_id,
+                "display_name": idp.display_name,
+                "href": _login_href(upstream.id, next_url, idp.entity_id),
+            }
+            for idp in found[:MAX_RESULTS]
+        ],
+        "more": len(found) > MAX_RESULTS,
+    }
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def upstream_metadata(request: web.Request) -> web.StreamResponse:
+    """GET /login/{idp}/metadata: what the upstream publishes (SAML SP metadata, ...)."""
+    upstream = services(request).upstreams.get(request.match_info["idp"])
+    if not isinstance(upstream, ServesMetadata):
+        raise NotFound("This sign-in option publishes no metadata.")
+    document = upstream.metadata()
+    return web.Response(
+        body=document.body,
+        headers={"Content-Type": document.content_type, "Cache-Control": "max-age=3600"},
+    )
 
 
 async def _begin(
-    request: web.Request, svc: Services, upstream: Upstream, next_url: str
+    request: web.Request,
+    svc: Services,
+    upstream: Upstream,
+    next_url: str,
+    entity: str | None = None,
 ) -> web.StreamResponse:
     flow = LoginFlow(
         id=secrets.token_urlsafe(24),
@@ -93,7 +279,7 @@ async def _begin(
         callback_url=f"{svc.settings.server.public_url}/login/{upstream.id}/callback",
         next_url=next_url,
         login_hint=request.query.get("login_hint"),
-        idp_hint=request.query.get("idp"),
+        idp_hint=entity or None,
     )
     step = await upstream.begin(flow)
     cookie = await svc.sessions.start_flow(flow)
@@ -106,14 +292,23 @@ async def _begin(
             for k, v in step.fields.items()
         )
         body = (
-            f'<form method="post" action="{esc(step.url)}">{fields}'
+            f'<form method="post" action="{esc(step.url)}" id="continue">{fields}'
             "<p>Your browser will continue automatically; if not, press Continue.</p>"
             '<button type="submit">Continue</button></form>'
         )
-        response = render(request, "Continuing sign-in", body)
+        target = urlsplit(step.url)
+        response = render(
+            request,
+            "Continuing sign-in",
+            body,
+            script="document.getElementById('continue').submit();",
+            form_action=f"{target.scheme}://{target.netloc}",
+        )
     else:
         response = render(request, f"Sign in: {upstream.display_name}", _local_form(flow, step))
     set_cookie(response, svc, FLOW_COOKIE, cookie, FLOW_TTL)
+    last = urlencode({"idp": upstream.id, "entity": entity or ""})
+    set_cookie(response, svc, LAST_IDP_COOKIE, last, LAST_IDP_TTL)
     return response
 
 
@@ -149,22 +344,66 @@ async def _params(request: web.Request) -> dict[str, str]:
     return {key: " ".join(values) for key, values in merged.items()}
 
 
+async def _callback_params(
+    request: web.Request, svc: Services, upstream: Upstream
+) -> dict[str, str] | web.StreamResponse:
+    """The upstream's answer, or a redirect that brings the browser's cookies along.
+
+    An IdP's cross-site form POST (SAML ACS, LTI) arrives without the SameSite=Lax flow
+    cookie, so the answer is parked for a minute and the browser is sent to GET this URL,
+    which carries the cookie; the flow binding is then checked as for any other callback.
+    """
+    if request.method == "POST" and FLOW_COOKIE not in request.cookies:
+        key = secrets.token_urlsafe(24)
+        await svc.cache.set(f"handoff:{key}", json.dumps(await _params(request)), HANDOFF_TTL)
+        location = f"/login/{upstream.id}/callback?{urlencode({'handoff': key})}"
+        return web.Response(status=303, headers={"Location": location})
+    if request.method == "GET" and "handoff" in request.query:
+        raw = await svc.cache.pop(f"handoff:{request.query['handoff']}")
+        if raw is None:
+            raise InvalidRequest("This sign-in has expired. Please start again.")
+        parked: dict[str, str] = json.loads(raw)
+        return parked
+    return await _params(request)
+
+
 async def callback(request: web.Request) -> web.StreamResponse:
-    """Finish a sign-in: the upstream turns its answer into a Principal, the policy decides."""
+    """Finish a sign-in: the upstream turns its answer into a Principal, the policy decides.
+
+    Every refusal, whether of the flow binding or by the upstream's checks, is audited.
+    """
     svc = services(request)
     upstream = svc.upstreams.get(request.match_info["idp"])
     if upstream is None:
         raise NotFound("No sign-in option has that name.")
-    params = await _params(request)
-    flow_id = params.pop("flow", "")
+    params = await _callback_params(request, svc, upstream)
+    if isinstance(params, web.StreamResponse):
+        return params
+    flow_id = params.pop("flow", "") or next(
+        (params[k] for k in ("state", "RelayState") if params.get(k)), ""
+    )
     flow = await svc.sessions.peek_flow(flow_id, request.cookies.get(FLOW_COOKIE))
-    if flow is None or flow.upstream != upstream.id:
-        raise InvalidRequest(
-            "This sign-in has expired or was started in another browser. Please start again."
+    try:
+        if flow is None or flow.upstream != upstream.id:
+            raise InvalidRequest(
+                "This sign-in has expired or was started in another browser. Please start again.",
+                log_detail="no sign-in flow of this browser matches the callback",
+            )
+        principal = await upstream.complete(flow, params)
+        if await svc.sessions.finish_flow(flow_id, request.cookies.get(FLOW_COOKIE)) is None:
+            raise InvalidRequest(
+                "This sign-in was already completed. Please start again.",
+                log_detail="the sign-in flow was completed concurrently",
+            )
+    except BrokerError as error:
+        await svc.audit.append(
+            "sign_in",
+            outcome="rejected",
+            idp=upstream.id,
+            error=error.error,
+            reason=error.log_detail[:500] or error.description[:500],
         )
-    principal = await upstream.complete(flow, params)
-    if await svc.sessions.finish_flow(flow_id, request.cookies.get(FLOW_COOKIE)) is None:
-        raise InvalidRequest("This sign-in was already completed. Please start again.")
+        raise
     await authorize_sign_in(svc, principal)
     _session, cookie = await svc.sessions.create(principal)
     response = web.Response(status=303, headers={"Location": safe_next(flow.next_url)})
@@ -206,5 +445,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/login", chooser, name="login")
+    app.router.add_get("/login/idps", idp_search, name="login_idps")
+    app.router.add_get("/login/{idp}/metadata", upstream_metadata, name="login_metadata")
     app.router.add_route("*", "/login/{idp}/callback", callback, name="login_callback")
     app.router.add_post("/logout", logout, name="logout")

@@ -70,7 +70,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from broker.dev import run_dev
 
-    return asyncio.run(run_dev(Path(args.state_dir), args.port, host=args.host))
+    extra = Path(args.upstreams) if args.upstreams else None
+    try:
+        return asyncio.run(
+            run_dev(Path(args.state_dir), args.port, host=args.host, upstreams=extra)
+        )
+    except SettingsError as error:
+        print(f"{error.source}: the settings are not valid:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -271,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".broker-dev", help="where dev state lives")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    p.add_argument(
+        "--upstreams",
+        metavar="FILE",
+        help="a TOML file of [[upstreams]] (OIDC providers, SAML IdPs or federations) to offer "
+        "beside the dev sign-in; a SAML entry may leave out sp_key/sp_cert to use a generated pair",
+    )
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("check-config", help="validate a settings file and print every problem")

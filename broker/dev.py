@@ -14,15 +14,23 @@ import shutil
 import signal
 import socket
 import sys
+import tomllib
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from broker.app import create_app
 from broker.devvault import DevVault, provision
 from broker.logs import configure_logging
-from broker.settings import load_settings
+from broker.settings import SettingsError, load_settings
 from broker.storage import Database
 
 
@@ -42,8 +50,72 @@ def _free_port(host: str) -> int:
         return port
 
 
-def write_dev_settings(state: Path, *, host: str, port: int, vault_address: str, role_id: str,
-                       secret_id: str) -> Path:  # fmt: skip
+def read_extra_upstreams(path: Path) -> list[dict[str, Any]]:
+    """The `[[upstreams]]` of a TOML file given to `broker dev --upstreams`."""
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise SettingsError(str(path), [str(error)]) from None
+    unknown = sorted(set(data) - {"upstreams"})
+    if unknown:
+        raise SettingsError(
+            str(path), [f"only [[upstreams]] belong here, not {', '.join(unknown)}"]
+        )
+    upstreams = data.get("upstreams", [])
+    if not isinstance(upstreams, list):
+        raise SettingsError(str(path), ["upstreams must be a list of tables ([[upstreams]])"])
+    return upstreams
+
+
+def dev_saml_pair(state: Path) -> tuple[Path, Path]:
+    """A self-signed SP key and certificate under `state`, made once and kept (the IdPs you
+    register the dev SP with keep trusting it across restarts)."""
+    key_path, cert_path = state / "saml-sp-key.pem", state / "saml-sp-cert.pem"
+    if key_path.exists() and cert_path.exists():
+        return key_path, cert_path
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "binder-broker dev SAML SP")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    key_path.touch(mode=0o600, exist_ok=True)
+    key_path.chmod(0o600)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def _with_dev_sp(upstream: dict[str, Any], state: Path) -> dict[str, Any]:
+    if upstream.get("type") != "saml" or ("sp_key" in upstream and "sp_cert" in upstream):
+        return upstream
+    key_path, cert_path = dev_saml_pair(state)
+    return {"sp_key": {"file": str(key_path)}, "sp_cert": str(cert_path)} | upstream
+
+
+def write_dev_settings(
+    state: Path,
+    *,
+    host: str,
+    port: int,
+    vault_address: str,
+    role_id: str,
+    secret_id: str,
+    upstreams: Sequence[dict[str, Any]] = (),
+) -> Path:
     """Write the dev settings file and the AppRole secret (0600) under `state`."""
     secret_file = state / "vault-secret-id"
     secret_file.touch(mode=0o600, exist_ok=True)
@@ -67,7 +139,7 @@ def write_dev_settings(state: Path, *, host: str, port: int, vault_address: str,
         "database": {"url": f"sqlite:///{state / 'broker.db'}"},
         "cache": {"url": "memory://"},
         "audit": {"path": str(state / "audit.log")},
-        "upstreams": [{"type": "dev", "id": "dev"}],
+        "upstreams": [{"type": "dev", "id": "dev"}] + [_with_dev_sp(u, state) for u in upstreams],
     }
     path = state / "broker.toml"
     path.write_text(
@@ -115,10 +187,13 @@ Press Ctrl-C to stop (OpenBao stops too).
 """.strip("\n")
 
 
-async def run_dev(state: Path, port: int, *, host: str = "127.0.0.1") -> int:
+async def run_dev(
+    state: Path, port: int, *, host: str = "127.0.0.1", upstreams: Path | None = None
+) -> int:
     """Run until SIGINT/SIGTERM. Returns the process exit code."""
     configure_logging("info")
     state = await asyncio.to_thread(_prepare_state, state)
+    extra = read_extra_upstreams(upstreams) if upstreams else []
     if port == 0 or not _port_free(host, port):
         chosen = _free_port(host)
         if port:
@@ -134,7 +209,7 @@ async def run_dev(state: Path, port: int, *, host: str = "127.0.0.1") -> int:
         auth = await provision(vault.address, vault.root_token)
         settings_path = write_dev_settings(
             state, host=host, port=port, vault_address=vault.address,
-            role_id=auth.role_id, secret_id=auth.secret_id,
+            role_id=auth.role_id, secret_id=auth.secret_id, upstreams=extra,
         )  # fmt: skip
         settings = load_settings(settings_path, mode="dev")
         db = Database(settings.database.url)
@@ -146,6 +221,10 @@ async def run_dev(state: Path, port: int, *, host: str = "127.0.0.1") -> int:
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         print(_banner(f"http://{host}:{port}", vault, settings_path), flush=True)
+        for upstream in settings.upstreams:
+            if upstream.type == "saml":
+                base = f"http://{host}:{port}/login/{upstream.id}"
+                print(f"SAML SP {upstream.id}: metadata {base}/metadata, ACS {base}/callback")
         await stop.wait()
         print("stopping…", flush=True)
     finally:

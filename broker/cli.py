@@ -155,6 +155,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 class _CliPrincipal:
     id: str
     idp: str
+    issuer: str
     groups: tuple[str, ...]
     affiliation: tuple[str, ...] = ()
     email: str | None = None
@@ -188,6 +189,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         _CliPrincipal(
             id=args.user,
             idp=args.idp,
+            issuer=args.issuer,
             groups=tuple(args.group),
             affiliation=tuple(args.affiliation),
             mfa=args.mfa,
@@ -320,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--policies", help="a folder of *.cedar files (default: the packaged ones)")
     q.add_argument("--user", help="principal id (omit for a client-only request)")
     q.add_argument("--idp", default="dev")
+    q.add_argument("--issuer", default="urn:binder-broker:dev", help="upstream issuer / entity id")
     q.add_argument("--group", action="append", default=[], help="repeatable")
     q.add_argument("--affiliation", action="append", default=[], help="repeatable")
     q.add_argument("--email")

@@ -55,6 +55,8 @@ class PrincipalLike(Protocol):
     @property
     def idp(self) -> str: ...
     @property
+    def issuer(self) -> str: ...
+    @property
     def groups(self) -> tuple[str, ...]: ...
     @property
     def affiliation(self) -> tuple[str, ...]: ...
@@ -113,6 +115,7 @@ def _entity_json(entity: Resource) -> dict[str, Any]:
 def _principal_json(principal: PrincipalLike) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "idp": principal.idp,
+        "issuer": principal.issuer,
         "affiliation": list(principal.affiliation),
         "mfa": bool(principal.mfa),
     }
@@ -244,7 +247,7 @@ def _request_key(
     who = (
         None
         if principal is None
-        else [principal.id, principal.idp, sorted(principal.groups),
+        else [principal.id, principal.idp, principal.issuer, sorted(principal.groups),
               sorted(principal.affiliation), principal.email, principal.acr, principal.mfa]
     )  # fmt: skip
     what = [resource.type, resource.id, resource.attrs, resource.parents]

@@ -31,6 +31,7 @@ class FakePrincipal:
 
     subject: str = "alice"
     idp: str = "github"
+    issuer: str = "https://github.com"
     groups: tuple[str, ...] = ()
     affiliation: tuple[str, ...] = ()
     email: str | None = None
@@ -311,3 +312,24 @@ def test_remembered_decisions_still_depend_on_every_input(engine: PolicyEngine) 
         assert not engine.decide(principal(groups=("broker-admins",)), "admin", broker).allowed
         assert engine.decide(principal(), "launch", AWS, SMALL_LAUNCH).allowed
         assert not engine.decide(principal(), "launch", AWS, {**SMALL_LAUNCH, "cpu": 3}).allowed
+
+
+def test_a_federation_can_be_narrowed_to_some_idps_and_affiliations(tmp_path: Path) -> None:
+    write_policies(
+        tmp_path,
+        '@id("campus-students-only")\n'
+        'permit (principal, action == Action::"sign_in", resource == Idp::"incommon")\n'
+        'when { principal.issuer == "https://idp.campus.example.edu/idp/shibboleth" &&\n'
+        '       principal.affiliation.contains("student@campus.example.edu") };\n',
+    )
+    engine = PolicyEngine.load(tmp_path, entities=[Resource("Idp", "incommon")])
+    federation = Resource("Idp", "incommon")
+    campus = "https://idp.campus.example.edu/idp/shibboleth"
+    student = principal(idp="incommon", issuer=campus, affiliation=("student@campus.example.edu",))
+    elsewhere = principal(
+        idp="incommon", issuer="https://idp.other.edu", affiliation=("student@campus.example.edu",)
+    )
+    staff = principal(idp="incommon", issuer=campus, affiliation=("staff@campus.example.edu",))
+    assert engine.decide(student, "sign_in", federation).reasons == ("campus-students-only",)
+    assert not engine.decide(elsewhere, "sign_in", federation).allowed
+    assert not engine.decide(staff, "sign_in", federation).allowed

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import structlog
 
-from adapters.base import Backend, Upstream
+from adapters.base import Backend, Lifecycle, Upstream
 from adapters.downstream.secrets import VaultSecretBackend
 from adapters.errors import ConfigurationError, Conflict
 from adapters.upstream.dev import DevUpstream
+from adapters.upstream.oidc import OidcUpstream
+from adapters.upstream.saml import SamlUpstream
+from adapters.upstream.saml_metadata import AggregateSource, FileSource, MdqSource, MetadataStore
 from adapters.vault import AppRoleAuth, TokenAuth, VaultClient
 from broker.audit import AuditLog
 from broker.cache import Cache, cache_from_url
@@ -34,6 +38,10 @@ from broker.settings import (
     DevUpstreamConfig,
     EnvRef,
     FileRef,
+    MetadataFileConfig,
+    MetadataSourceConfig,
+    MetadataUrlConfig,
+    OidcUpstreamConfig,
     SecretValue,
     Settings,
     UpstreamConfig,
@@ -76,6 +84,7 @@ class Services:
     backends: dict[str, Backend] = field(default_factory=dict)
 
     async def close(self) -> None:
+        await close_upstreams(self.upstreams)
         await self.keyring.close()
         await self.audit.flush()  # appends in flight must reach SQL before it closes
         await self.vault.close()
@@ -117,10 +126,97 @@ async def resolve_secret(value: SecretValue, vault: VaultClient | None = None) -
     return value.get_secret_value()
 
 
-def build_upstream(config: UpstreamConfig, *, dev_mode: bool) -> Upstream:
+@dataclass(frozen=True, slots=True)
+class UpstreamContext:
+    """What adapters get from the broker: never the settings themselves."""
+
+    public_url: str
+    dev_mode: bool
+    http: aiohttp.ClientSession
+    cache: Cache
+    vault: VaultClient
+    vault_prefix: str
+
+
+async def _read_pem(path: Path, what: str) -> str:
+    try:
+        return await asyncio.to_thread(path.read_text, "utf-8")
+    except OSError as error:
+        raise ConfigurationError(f"cannot read the {what} {path}: {error.strerror}") from None
+
+
+async def _metadata_source(
+    config: MetadataSourceConfig,
+) -> FileSource | AggregateSource | MdqSource:
+    if isinstance(config, MetadataFileConfig):
+        return FileSource(config.file)
+    cert = await _read_pem(config.signing_cert, "metadata signing certificate")
+    if isinstance(config, MetadataUrlConfig):
+        return AggregateSource(
+            config.url, cert, min_refresh=config.min_refresh, max_refresh=config.max_refresh
+        )
+    return MdqSource(config.mdq, cert, cache_ttl=config.cache_ttl)
+
+
+async def build_upstream(config: UpstreamConfig, ctx: UpstreamContext) -> Upstream:
+    """One adapter from its settings; secrets and files are read here, once."""
     if isinstance(config, DevUpstreamConfig):
-        return DevUpstream(config.id, config.display_name, config.groups, dev_mode=dev_mode)
-    raise ConfigurationError(f"no adapter for upstream type {config.type!r}")
+        return DevUpstream(config.id, config.display_name, config.groups, dev_mode=ctx.dev_mode)
+    if isinstance(config, OidcUpstreamConfig):
+        secret = config.client_secret
+        return OidcUpstream(
+            id=config.id, display_name=config.display_name, issuer=config.issuer,
+            client_id=config.client_id,
+            client_secret=await resolve_secret(secret, ctx.vault) if secret else None,
+            scopes=config.scopes, id_token_algs=config.id_token_algs,
+            claims=config.claims.model_dump(), use_userinfo=config.use_userinfo,
+            idp_hint_param=config.idp_hint_param, auth_params=config.auth_params,
+            keep_refresh_token=config.keep_refresh_token, clock_skew=config.clock_skew,
+            http=ctx.http, cache=ctx.cache, vault=ctx.vault, vault_prefix=ctx.vault_prefix,
+        )  # fmt: skip
+    base = f"{ctx.public_url}/login/{config.id}"
+    store = MetadataStore(
+        [await _metadata_source(source) for source in config.metadata],
+        http=ctx.http,
+        entity_categories=config.entity_categories,
+        registration_authorities=config.registration_authorities,
+    )
+    return SamlUpstream(
+        id=config.id, display_name=config.display_name,
+        entity_id=config.entity_id or f"{base}/metadata", acs_url=f"{base}/callback",
+        sp_key_pem=await resolve_secret(config.sp_key, ctx.vault),
+        sp_cert_pem=await _read_pem(config.sp_cert, "SAML SP certificate"),
+        metadata=store, idp=config.idp, clock_skew=config.clock_skew,
+        mfa_contexts=config.mfa_contexts, requested_authn_context=config.requested_authn_context,
+        cache=ctx.cache,
+    )  # fmt: skip
+
+
+async def start_upstreams(
+    configs: Sequence[UpstreamConfig], ctx: UpstreamContext
+) -> dict[str, Upstream]:
+    """Build every upstream and start those with background work; on failure, close what
+    was started and raise."""
+    upstreams: dict[str, Upstream] = {}
+    try:
+        for config in configs:
+            upstream = await build_upstream(config, ctx)
+            upstreams[upstream.id] = upstream
+            if isinstance(upstream, Lifecycle):
+                await upstream.start()
+    except BaseException:
+        await close_upstreams(upstreams)
+        raise
+    return upstreams
+
+
+async def close_upstreams(upstreams: Mapping[str, Upstream]) -> None:
+    for upstream in upstreams.values():
+        if isinstance(upstream, Lifecycle):
+            try:
+                await upstream.close()
+            except Exception:  # one adapter's failure must not keep the others open
+                log.exception("upstream.close_failed", upstream=upstream.id)
 
 
 def build_backend(config: BackendConfig, *, vault: VaultClient, prefix: str) -> Backend:
@@ -158,11 +254,6 @@ async def start_services(
     Operator commands (`broker keys …`) pass `with_upstreams=False`: they sign nobody in.
     """
     policy = load_policies(settings)
-    upstreams = (
-        {u.id: build_upstream(u, dev_mode=dev_mode) for u in settings.upstreams}
-        if with_upstreams
-        else {}
-    )
     v = settings.vault
     if vault_auth is None:
         if isinstance(v.auth, AppRoleAuthSettings):
@@ -239,7 +330,7 @@ async def start_services(
         await db.close()
         await http.close()
         raise
-    return Services(
+    services = Services(
         settings=settings,
         dev_mode=dev_mode,
         http=http,
@@ -253,6 +344,16 @@ async def start_services(
         sessions=sessions,
         metrics=metrics,
         oauth=oauth,
-        upstreams=upstreams,
         backends={b.id: build_backend(b, vault=vault, prefix=v.prefix) for b in settings.backends},
     )
+    if with_upstreams:
+        context = UpstreamContext(
+            public_url=settings.server.public_url, dev_mode=dev_mode, http=http,
+            cache=cache, vault=vault, vault_prefix=v.prefix,
+        )  # fmt: skip
+        try:
+            services.upstreams = await start_upstreams(settings.upstreams, context)
+        except BaseException:
+            await services.close()
+            raise
+    return services

@@ -156,17 +156,19 @@ async def _chooser_body(
     last = await _last_choice(request, svc, next_url)
     if last is not None:
         parts.append(f'<p>Last time you used <a href="{esc(last[0])}">{esc(last[1])}</a>.</p>')
-    plain = [u for u in choices if not isinstance(u, Federated)]
-    if plain:
-        items = "".join(
-            f'<li><a href="{esc(_login_href(u.id, next_url))}">{esc(u.display_name)}</a></li>'
-            for u in plain
-        )
+    links: list[tuple[str, str]] = []
+    federations: list[Upstream] = []
+    for upstream in choices:
+        single = await _single_choice(upstream)
+        if single is None:
+            federations.append(upstream)
+        else:
+            links.append((_login_href(upstream.id, next_url, single), upstream.display_name))
+    if links:
+        items = "".join(f'<li><a href="{esc(href)}">{esc(name)}</a></li>' for href, name in links)
         parts.append(f'<ul class="choices">{items}</ul>')
     query = request.query.get("q", "").strip()[:100]
-    for upstream in choices:
-        if isinstance(upstream, Federated):
-            parts.append(_federation_section(upstream, query, next_url))
+    parts.extend(_federation_section(upstream, query, next_url) for upstream in federations)
     return "".join(parts)
 
 

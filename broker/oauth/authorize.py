@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 from sqlalchemy import delete, select
@@ -303,7 +303,27 @@ def _consent_page(
         '<button type="submit" name="decision" value="approve">Allow</button> '
         '<button type="submit" name="decision" value="deny">Deny</button></form>'
     )
-    return render(request, "Allow access?", body)
+    return render(request, "Allow access?", body, form_action=origin_of(req.redirect_uri))
+
+
+def origin_of(url: str) -> str:
+    """`scheme://host[:port]` of `url`: what a CSP `form-action` source names.
+
+    Browsers apply `form-action` to every redirect that follows a form post, so a page whose
+    form can end in a redirect to the client (consent, a sign-in form) must name its origin.
+    """
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+async def pending_redirect_origin(svc: Services, next_url: str) -> str:
+    """The client's redirect origin if `next_url` resumes an authorization request, else ""."""
+    parts = urlsplit(next_url)
+    if parts.path != "/oauth/authorize/resume":
+        return ""
+    request_id = dict(parse_qsl(parts.query)).get("req", "")
+    raw = await svc.cache.get(f"authz-req:{request_id}") if request_id else None
+    return origin_of(json.loads(raw)["redirect_uri"]) if raw else ""
 
 
 async def _issue_code(

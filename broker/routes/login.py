@@ -307,7 +307,15 @@ async def _begin(
             form_action=f"{target.scheme}://{target.netloc}",
         )
     else:
-        response = render(request, f"Sign in: {upstream.display_name}", _local_form(flow, step))
+        # Imported here: broker.oauth.authorize imports this module.
+        from broker.oauth.authorize import pending_redirect_origin
+
+        response = render(
+            request,
+            f"Sign in: {upstream.display_name}",
+            _local_form(flow, step),
+            form_action=await pending_redirect_origin(svc, next_url),
+        )
     set_cookie(response, svc, FLOW_COOKIE, cookie, FLOW_TTL)
     last = urlencode({"idp": upstream.id, "entity": entity or ""})
     set_cookie(response, svc, LAST_IDP_COOKIE, last, LAST_IDP_TTL)

@@ -340,6 +340,9 @@ async def test_third_party_client_needs_consent_remembered_and_revocable(
     signed = await sign_in(client, "ada", ("students",), next_url=next_url)
     page = await client.get(signed.headers["Location"], headers={"Accept": "text/html"})
     assert page.status == 200 and "Third-party notebook service" in page.text
+    # Browsers check form-action on the redirect to the client that follows the Allow post.
+    third_origin = "{0.scheme}://{0.netloc}".format(urlsplit(THIRD))
+    assert f"form-action 'self' {third_origin};" in page.headers["Content-Security-Policy"]
     fields = dict(re.findall(r'name="(req|csrf)" value="([^"]+)"', page.text))
     # Consent CSRF: a forged approval without the session's csrf token changes nothing.
     forged = await client.post(

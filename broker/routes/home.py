@@ -43,7 +43,9 @@ async def home(request: web.Request) -> web.Response:
     body = (
         f"<p>Signed in as <strong>{esc(p.display_name or p.subject)}</strong> through "
         f"<code>{esc(p.idp)}</code>.</p><dl><dt>Principal id</dt><dd><code>{esc(p.id)}</code>"
-        f"</dd><dt>Groups</dt><dd>{esc(groups)}</dd></dl>"
+        f"</dd><dt>Groups</dt><dd>{esc(groups)}</dd>"
+        f"<dt>Affiliation</dt><dd>{esc(', '.join(p.affiliation) or 'none')}</dd>"
+        f"<dt>Signed in at</dt><dd><code>{esc(p.issuer)}</code></dd></dl>"
     )
     if svc.dev_mode:
         body += (

@@ -256,6 +256,7 @@ def start_simplesamlphp(
     encrypt_assertion: bool = False,
     require_signed_authn_request: bool = True,
     php_binary: str = "php",
+    public_host: str = "127.0.0.1",
 ) -> SimpleSamlIdp:
     """Write a config under `workdir`, start the IdP and return once its metadata is served.
 
@@ -275,7 +276,10 @@ def start_simplesamlphp(
         raise RuntimeError(f"{php_binary!r} not found; apt-get install -y php-cli")
 
     port = _free_loopback_port()
-    base_url = f"http://127.0.0.1:{port}/"
+    # `public_host` "localhost" puts the IdP on another site than a broker at 127.0.0.1, so its
+    # POST to the ACS is cross-site, as in a real deployment (the server still listens on
+    # 127.0.0.1).
+    base_url = f"http://{public_host}:{port}/"
     entity_id = f"{base_url}saml2/idp/metadata.php"
     workdir.mkdir(parents=True, exist_ok=True)
     config_dir = workdir / "config"
@@ -309,7 +313,7 @@ def start_simplesamlphp(
         "technicalcontact_name": "Test IdP",
         "technicalcontact_email": "idp-admin@campus.example.edu",
         "timezone": "UTC",
-        "trusted.url.domains": [f"127.0.0.1:{port}"],
+        "trusted.url.domains": [f"127.0.0.1:{port}", f"{public_host}:{port}"],
         "enable.saml20-idp": True,
         "enable.shib13-idp": False,
         "enable.adfs-idp": False,

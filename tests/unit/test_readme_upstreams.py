@@ -74,3 +74,15 @@ SAML = {"type": "saml", "id": "campus", "display_name": "Campus", "sp_key": {"en
 def test_bad_upstreams_are_refused_with_their_key(upstream: dict[str, Any], fragment: str) -> None:
     problems = _problems(upstream)
     assert any(p.startswith("upstreams[0]") and fragment in p for p in problems), problems
+
+
+def test_the_commented_upstreams_in_the_example_settings_validate() -> None:
+    text = (README.parent / "examples" / "broker.toml").read_text("utf-8")
+    block = text[text.index("# [[upstreams]]") :]
+    lines = [
+        line[2:] if line.startswith("# ") else ""
+        for line in block.splitlines()
+        if not line.startswith("# # ")  # a comment inside the commented example
+    ]
+    settings = parse_settings(MINIMAL | tomllib.loads("\n".join(lines)), mode="production")
+    assert [u.type for u in settings.upstreams] == ["oidc", "saml"]

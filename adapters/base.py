@@ -84,7 +84,13 @@ class Principal:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a policy allowed: the input to a downstream backend."""
+    """What a policy allowed: the input to a downstream backend.
+
+    `ttl` is the lifetime to issue, already clipped to the policy's `max_ttl` (a backend may
+    shorten it to its own bounds, never lengthen it). `role` and `project` are the optional
+    request fields of `POST /v1/credentials`; `resources` the requested cpu, memory_gb,
+    disk_gb and gpu; `client` the OAuth client that asked (None for a browser session).
+    """
 
     principal: Principal
     action: str
@@ -93,17 +99,29 @@ class Grant:
     scopes: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     policy_ids: tuple[str, ...] = ()
+    ttl: int = 0
+    role: str | None = None
+    project: str | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """A short-lived downstream credential. `secret` never shows in `repr`."""
+    """A short-lived downstream credential. `secret` never shows in `repr`.
+
+    `handle` is what a later revocation or clean-up needs (an id, never a secret); the broker
+    stores it with the lease. `details` are non-secret facts worth showing the caller (the
+    role assumed, the roles and access rules of an application credential, ...).
+    """
 
     backend: str
     kind: str
     secret: Mapping[str, Any] = field(repr=False)
     expires_at: datetime
     lease_id: str
+    handle: Mapping[str, str] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,4 +246,21 @@ class Backend(Protocol):
 
 @runtime_checkable
 class Revocable(Protocol):
-    async def revoke(self, credential: Credential) -> None: ...
+    """A backend that can end a credential before it expires (and clean up expired ones)."""
+
+    async def revoke(self, lease_id: str, handle: Mapping[str, str]) -> None:
+        """End the credential of this lease; succeed if it is already gone."""
+        ...
+
+
+class TokenSigner(Protocol):
+    """Signs JWTs with the broker's key ring (keys published at its JWKS): for downstream
+    systems that trust the broker as an identity provider, e.g. AWS STS web identity."""
+
+    @property
+    def issuer(self) -> str: ...
+
+    async def sign(self, claims: Mapping[str, Any], *, audience: str, ttl: int) -> str:
+        """A JWT with `iss`, `aud`, `iat`, `nbf`, `exp`, `jti` and a `kid` header added to
+        `claims`; `sub` must be in `claims`."""
+        ...

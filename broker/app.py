@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from adapters.vault import AppRoleAuth, TokenAuth
+from broker.credentials import run_cleanup
 from broker.middleware import build_middlewares
 from broker.oauth import admin, authorize, device, introspect, token, userinfo
 from broker.oauth import exchange as _exchange  # noqa: F401  (no routes; registers its @grant)
-from broker.routes import health, home, issuer, login
+from broker.routes import credentials, health, home, issuer, login
 from broker.services import Services, start_services
 from broker.settings import Settings
 from broker.state import DEV_MODE, SERVICES
@@ -31,6 +34,7 @@ def _application(settings: Settings, dev_mode: bool) -> web.Application:
         userinfo,
         admin,
         device,
+        credentials,
     ):
         module.add_routes(app)
     return app
@@ -48,7 +52,11 @@ def create_app(
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         svc = await start_services(settings, dev_mode=dev_mode, vault_auth=vault_auth)
         app[SERVICES] = svc
+        cleanup = asyncio.create_task(run_cleanup(svc))
         yield
+        cleanup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cleanup
         await svc.close()
 
     app.cleanup_ctx.append(lifespan)

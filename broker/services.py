@@ -48,6 +48,7 @@ from broker.settings import (
     VaultRef,
     VaultSecretBackendConfig,
 )
+from broker.signer import KeyRingSigner
 from broker.storage import Database
 from broker.tokens import TokenService
 from policies.engine import PolicyEngine, PolicyError, Resource
@@ -80,6 +81,7 @@ class Services:
     sessions: SessionStore
     metrics: Metrics
     oauth: OAuthState
+    signer: KeyRingSigner
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     backends: dict[str, Backend] = field(default_factory=dict)
 
@@ -344,6 +346,7 @@ async def start_services(
         sessions=sessions,
         metrics=metrics,
         oauth=oauth,
+        signer=KeyRingSigner(keyring, issuer=settings.server.public_url),
         backends={b.id: build_backend(b, vault=vault, prefix=v.prefix) for b in settings.backends},
     )
     if with_upstreams:

@@ -468,8 +468,70 @@ class VaultSecretBackendConfig(_Model):
     max_ttl: Duration = 3600
 
 
+class AwsRoleConfig(_Model):
+    """One IAM role the broker may assume for users (any account)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="what a request names as `role`")
+    arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+    max_duration: Duration = Field(default=3600, ge=900, le=43200)  # the role's own maximum
+    # An inline session policy (JSON) narrowing the role; `{principal}` (the principal id) and
+    # `{subject}` are replaced, e.g. one S3 prefix per user.
+    session_policy: str | None = None
+
+
+class AwsBackendConfig(_Model):
+    """Temporary AWS credentials: the broker mints a web-identity JWT and calls STS
+    AssumeRoleWithWebIdentity itself (an IAM OIDC provider must trust the broker's issuer)."""
+
+    type: Literal["aws"]
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    audience: str = "sts.amazonaws.com"
+    region: str = "us-east-1"
+    sts_endpoint: HttpUrl | None = None  # default: AWS's regional endpoint
+    roles: list[AwsRoleConfig] = Field(min_length=1)
+    default_role: str | None = None  # default: the first role
+    session_tags: dict[str, str] = Field(default_factory=dict)  # static tags, added to the user's
+
+    @model_validator(mode="after")
+    def _known_default(self) -> AwsBackendConfig:
+        names = [role.name for role in self.roles]
+        if (twin := _first_duplicate(names)) is not None:
+            raise ValueError(f"two roles share the name {twin!r}")
+        if self.default_role is not None and self.default_role not in names:
+            raise ValueError(f"default_role {self.default_role!r} is not one of the roles")
+        return self
+
+
+class OpenStackBackendConfig(_Model):
+    """Keystone application credentials (Jetstream2 and other OpenStack clouds).
+
+    The broker signs in to Keystone as its own service user (password from Vault) and creates,
+    for the user's mapped Keystone user and project, an application credential with an
+    expiry, a subset of roles and access rules, `unrestricted = false`."""
+
+    type: Literal["openstack"]
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    auth_url: HttpUrl  # Keystone v3, e.g. https://js2.jetstream-cloud.org:5000/v3
+    region: str | None = None
+    interface: Literal["public", "internal", "admin"] = "public"
+    service_user: str
+    service_password: SecretRef
+    service_user_domain: str = "Default"
+    service_project: str
+    service_project_domain: str = "Default"
+    user_domain: str = "Default"  # where mapped users live
+    user_name: Literal["email", "subject", "preferred_username"] = "email"
+    projects: dict[str, str] = Field(default_factory=dict)  # request `project` → Keystone id
+    default_project: str | None = None  # Keystone project id
+    roles: list[str] = Field(default_factory=lambda: ["member"])  # the subset handed out
+    access_rules: list[dict[str, str]] = Field(default_factory=list)
+    max_ttl: Duration = 86400
+
+
 BackendConfig = Annotated[
-    Annotated[VaultSecretBackendConfig, Tag("type=vault_secret")],
+    Annotated[VaultSecretBackendConfig, Tag("type=vault_secret")]
+    | Annotated[AwsBackendConfig, Tag("type=aws")]
+    | Annotated[OpenStackBackendConfig, Tag("type=openstack")],
     Discriminator(_tag_by("type")),
 ]
 

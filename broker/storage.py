@@ -189,6 +189,25 @@ class PrincipalRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class LeaseRecord(Base):
+    """A downstream credential the broker issued: who, for whom, until when, and the backend's
+    non-secret handle for revoking it. The credential itself is never stored."""
+
+    __tablename__ = "leases"
+
+    lease_id: Mapped[str] = mapped_column(String, primary_key=True)
+    principal_id: Mapped[str] = mapped_column(String)
+    client_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    backend: Mapped[str] = mapped_column(String)
+    kind: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    cleaned_up: Mapped[bool] = mapped_column(Boolean, default=False)
+    handle: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    details: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+
+
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic `Config` for `broker/migrations`, built in code (there is no alembic.ini).
 

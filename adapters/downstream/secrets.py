@@ -34,7 +34,7 @@ class VaultSecretBackend:
         entry = await self._vault.kv_read(self.path_for(grant.principal.id))
         if entry is None:
             raise NotFound(f"you have not stored a secret named {self._name!r}")
-        lifetime = min(self._max_ttl, grant.limits.max_ttl or self._max_ttl)
+        lifetime = min(self._max_ttl, grant.ttl or grant.limits.max_ttl or self._max_ttl)
         return Credential(
             backend=self.id,
             kind="secret",

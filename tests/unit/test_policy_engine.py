@@ -159,9 +159,27 @@ def test_allow_has_reasons_and_limits(engine: PolicyEngine) -> None:
     )
 
 
-def test_request_beyond_policy_is_denied_without_reasons(engine: PolicyEngine) -> None:
+def test_launch_bounds_are_limits_the_broker_enforces(engine: PolicyEngine) -> None:
+    # The default launch permit has no conditions on size: its annotations are the bounds,
+    # which the credentials API enforces (refusing, naming the policy) and clips to.
     decision = engine.decide(principal(), "launch", AWS, {**SMALL_LAUNCH, "cpu": 16})
-    assert decision == Decision(allowed=False)
+    assert decision.allowed and decision.reasons == ("launch-small",)
+    assert decision.limits == Limits(max_ttl=3600, cpu=2, memory=4, disk=10, gpu=0)
+    assert not engine.decide(None, "launch", AWS, SMALL_LAUNCH).allowed  # a user launches
+
+
+def test_request_beyond_a_conditional_policy_is_denied_without_reasons(tmp_path: Path) -> None:
+    write_policies(
+        tmp_path,
+        '@id("launch-tiny")\n'
+        'permit (principal is User, action == Action::"launch", resource)\n'
+        "when { context.cpu <= 1 };\n",
+    )
+    engine = PolicyEngine.load(tmp_path, entities=[AWS])
+    for _ in range(2):  # the second round is answered from the memo
+        assert engine.decide(principal(), "launch", AWS, SMALL_LAUNCH).allowed
+        decision = engine.decide(principal(), "launch", AWS, {**SMALL_LAUNCH, "cpu": 16})
+        assert decision == Decision(allowed=False)
 
 
 def test_forbid_beats_permit_and_is_the_reason(engine: PolicyEngine) -> None:
@@ -311,7 +329,7 @@ def test_remembered_decisions_still_depend_on_every_input(engine: PolicyEngine) 
         assert not engine.decide(principal(groups=(), mfa=True), "admin", broker).allowed
         assert not engine.decide(principal(groups=("broker-admins",)), "admin", broker).allowed
         assert engine.decide(principal(), "launch", AWS, SMALL_LAUNCH).allowed
-        assert not engine.decide(principal(), "launch", AWS, {**SMALL_LAUNCH, "cpu": 3}).allowed
+        assert not engine.decide(principal(mfa=True), "admin", broker).allowed
 
 
 def test_a_federation_can_be_narrowed_to_some_idps_and_affiliations(tmp_path: Path) -> None:

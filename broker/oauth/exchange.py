@@ -26,13 +26,16 @@ issued to another client, comes from an untrusted issuer or names an unknown use
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from pydantic import ValidationError
 
 from adapters.base import Principal
+from broker.credentials import CredentialRequest, expires_in, issue_credential
 from broker.errors import InvalidRequest, InvalidScope, InvalidToken
 from broker.oauth.bearer import is_revoked
 from broker.oauth.issuance import (
@@ -82,6 +85,8 @@ async def token_exchange(ctx: GrantContext) -> Issued:
     actor_token, actor_type = form.get("actor_token"), form.get("actor_token_type")
     if (actor_token is None) != (actor_type is None):
         raise InvalidRequest("actor_token and actor_token_type go together: send both or neither")
+    if form.get("resource") in ctx.svc.backends:
+        return await _exchange_for_credential(ctx, subject_token, subject_type)
     requested = form.get("requested_token_type", ACCESS_TOKEN_TYPE)
     if requested not in ISSUED_TOKEN_TYPES:
         raise InvalidRequest(f"requested_token_type {requested!r} is not supported")
@@ -111,6 +116,49 @@ async def token_exchange(ctx: GrantContext) -> Issued:
         extra_audit=extra_audit, not_after=_expiry(subject),
     )  # fmt: skip
     return await issue(ctx.svc, request)
+
+
+CREDENTIAL_TOKEN_TYPE = "urn:binder-broker:token-type:credential"
+
+
+async def _exchange_for_credential(ctx: GrantContext, token: str, token_type: str) -> Issued:
+    """RFC 8693 with `resource` = a backend id: the user's token for a launch credential,
+    the same path as `POST /v1/credentials` (`duration`, `role`, `project` as form fields).
+    The credential is the `access_token` (compact JSON), `token_type` is "N_A" (§2.2.1)."""
+    form = ctx.form
+    backend = form["resource"]
+    requested = form.get("requested_token_type", CREDENTIAL_TOKEN_TYPE)
+    if requested != CREDENTIAL_TOKEN_TYPE:
+        raise InvalidRequest(f"a backend as resource issues {CREDENTIAL_TOKEN_TYPE} only")
+    subject = await _verify(ctx, token, token_type, "subject_token")
+    principal = await _principal(ctx, subject)
+    if principal is None:
+        raise InvalidRequest("a launch credential is for a user, not for a client")
+    scopes = _token_scopes(subject.claims) or []
+    if f"launch:{backend}" not in scopes:
+        raise InvalidScope(f"the subject token does not carry the scope launch:{backend}")
+    fields: dict[str, Any] = {"backend": backend}
+    if "duration" in form:
+        if not form["duration"].isdigit():
+            raise InvalidRequest("duration must be a number of seconds")
+        fields["duration"] = int(form["duration"])
+    fields |= {k: form[k] for k in ("role", "project") if k in form}
+    try:
+        request = CredentialRequest.model_validate(fields)
+    except ValidationError as error:
+        raise InvalidRequest(f"the request is not valid: {error.errors()[0]['msg']}") from None
+    issued = await issue_credential(ctx.svc, principal, ctx.client.id, request)
+    credential = issued.credential
+    body = {
+        "access_token": json.dumps(dict(credential.secret), separators=(",", ":")),
+        "issued_token_type": CREDENTIAL_TOKEN_TYPE,
+        "token_type": "N_A",
+        "expires_in": expires_in(credential),
+    } | {k: v for k, v in issued.body().items() if k != "credential"}
+    return Issued(
+        body=body, jti=credential.lease_id,
+        expires_at=int(credential.expires_at.timestamp()), refresh_family=None,
+    )  # fmt: skip
 
 
 def _expiry(token: InputToken) -> int | None:

@@ -5,12 +5,14 @@ refused, and no secret reaches the audit log."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -19,12 +21,16 @@ from adapters.vault import AppRoleAuth
 from broker.app import app_with_services
 from broker.devvault import DevVault
 from broker.oauth.bearer import revoke_access_token
+from broker.oauth.clients import hash_secret
 from broker.oauth.issuance import remember_principal
 from broker.services import Services
 from tests.peers.broker import ContractClient, audit_events, make_settings, start_broker
 
 ADA = Principal(idp="dev", issuer="urn:binder-broker:dev", subject="ada", groups=("students",))
 SECRET = "ada-home-s3cret-value"
+CLIENT_SECRET = "launcher-secret-0123456789abcdef"
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 SITE_POLICY = """
 @id("launch-home-for-students")
 @max_ttl("1800")
@@ -52,6 +58,11 @@ async def api(
             {"type": "vault_secret", "id": "other", "name": "other-token"},
         ],
         policy={"directory": str(policies)},
+        clients=[{
+            "client_id": "launcher", "name": "Launcher", "secret_hash": hash_secret(CLIENT_SECRET),
+            "grant_types": ["urn:ietf:params:oauth:grant-type:token-exchange"],
+            "scopes": ["launch:home"], "first_party": True,
+        }],
     )  # fmt: skip
     svc = await start_broker(settings, dev_mode=False)
     try:
@@ -204,3 +215,28 @@ async def test_bad_requests_are_clear_and_change_nothing(
         assert fragment in answer.json()["error_description"], answer.json()
     assert not [r for r in leases(svc) if r["event"] == "credential.issued"]
     assert (await client.get("/v1/credentials", headers=bearer(access))).json()["leases"] == []
+
+
+async def test_token_exchange_with_a_backend_as_resource(
+    api: tuple[Services, ContractClient],
+) -> None:
+    svc, client = api
+    access, _, _ = await token(svc)
+    form = {
+        "grant_type": EXCHANGE, "subject_token": access, "subject_token_type": ACCESS,
+        "resource": "home", "duration": "300",
+    }  # fmt: skip
+    auth = {"Authorization": aiohttp.encode_basic_auth("launcher", CLIENT_SECRET)}
+    exchanged = await client.post("/oauth/token", data=form, headers=auth)
+    assert exchanged.status == 200, exchanged.text
+    body = exchanged.json()
+    assert body["token_type"] == "N_A"
+    assert body["issued_token_type"] == "urn:binder-broker:token-type:credential"
+    assert json.loads(body["access_token"]) == {"token": SECRET}
+    assert 290 <= body["expires_in"] <= 300 and body["backend"] == "home"
+    [record] = [r for r in leases(svc) if r["event"] == "credential.issued"]
+    assert record["data"]["lease"] == body["lease_id"] and record["data"]["client"] == "launcher"
+    narrow, _, _ = await token(svc, scope=("launch:other",))
+    refused = await client.post("/oauth/token", data=form | {"subject_token": narrow}, auth=auth)
+    assert refused.status == 400 and refused.json()["error"] == "invalid_scope"
+    assert len([r for r in leases(svc) if r["event"] == "credential.issued"]) == 1

@@ -5,6 +5,7 @@ refused, and no secret reaches the audit log."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -226,7 +226,8 @@ async def test_token_exchange_with_a_backend_as_resource(
         "grant_type": EXCHANGE, "subject_token": access, "subject_token_type": ACCESS,
         "resource": "home", "duration": "300",
     }  # fmt: skip
-    auth = {"Authorization": aiohttp.encode_basic_auth("launcher", CLIENT_SECRET)}
+    basic = base64.b64encode(f"launcher:{CLIENT_SECRET}".encode()).decode()
+    auth = {"Authorization": f"Basic {basic}"}
     exchanged = await client.post("/oauth/token", data=form, headers=auth)
     assert exchanged.status == 200, exchanged.text
     body = exchanged.json()

@@ -238,6 +238,6 @@ async def test_token_exchange_with_a_backend_as_resource(
     [record] = [r for r in leases(svc) if r["event"] == "credential.issued"]
     assert record["data"]["lease"] == body["lease_id"] and record["data"]["client"] == "launcher"
     narrow, _, _ = await token(svc, scope=("launch:other",))
-    refused = await client.post("/oauth/token", data=form | {"subject_token": narrow}, auth=auth)
+    refused = await client.post("/oauth/token", data=form | {"subject_token": narrow}, headers=auth)
     assert refused.status == 400 and refused.json()["error"] == "invalid_scope"
     assert len([r for r in leases(svc) if r["event"] == "credential.issued"]) == 1

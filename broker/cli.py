@@ -82,6 +82,38 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_credentials_aws(args: argparse.Namespace) -> int:
+    from broker.cli_credentials import run_aws
+
+    return run_aws(args.issuer, args.backend, args.role, args.duration)
+
+
+def cmd_credentials_openstack(args: argparse.Namespace) -> int:
+    from broker.cli_credentials import run_openstack
+
+    return run_openstack(
+        args.issuer, args.backend, args.project, args.duration, args.cloud, Path(args.clouds_file)
+    )
+
+
+def cmd_doctor_aws(args: argparse.Namespace) -> int:
+    from broker.doctor import doctor_aws
+    from broker.services import start_services
+
+    settings = _load(Path(args.config))
+
+    async def run() -> int:
+        if args.offline:
+            return await doctor_aws(settings, args.backend)
+        svc = await start_services(settings, dev_mode=False, with_upstreams=False)
+        try:
+            return await doctor_aws(settings, args.backend, signer=svc.signer, http=svc.http)
+        finally:
+            await svc.close()
+
+    return asyncio.run(run())
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from broker.storage import Database
 
@@ -348,12 +380,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--issuer", required=True, help="the broker's URL, e.g. https://broker.example.edu"
     )
     p.add_argument("--client-id", default="broker-cli")
-    p.add_argument("--scope", default="openid profile groups offline_access")
+    p.add_argument(
+        "--scope",
+        help="space-separated scopes (default: everything the client may ask for, including "
+        "launch:<backend> for `broker credentials`)",
+    )
     p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("token", help="print a fresh access token (refreshing it if needed)")
     p.add_argument("--issuer", help="default: the broker last logged in to")
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("doctor", help="check a deployment against a cloud's requirements")
+    checks = p.add_subparsers(dest="doctor_command", required=True, metavar="TARGET")
+    q = checks.add_parser("aws", help="can AWS STS trust this broker? one OK/FIX line per check")
+    q.add_argument("--config", required=True)
+    q.add_argument("--backend", help="one aws backend id (default: all)")
+    q.add_argument("--offline", action="store_true", help="no Vault: sign no probe token")
+    q.set_defaults(func=cmd_doctor_aws)
+
+    p = sub.add_parser("credentials", help="launch credentials for the AWS CLI or OpenStack")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{aws,openstack}")
+    q = kinds.add_parser(
+        "aws",
+        help="print credential_process JSON; in ~/.aws/config: "
+        "credential_process = broker credentials aws --backend aws",
+    )
+    q.add_argument("--backend", default="aws")
+    q.add_argument("--role", help="the role name (default: the backend's)")
+    q.add_argument("--duration", type=int, default=3600, help="seconds (policy may clip)")
+    q.add_argument("--issuer", help="default: the broker last logged in to")
+    q.set_defaults(func=cmd_credentials_aws)
+    q = kinds.add_parser("openstack", help="write an entry to clouds.yaml")
+    q.add_argument("--backend", default="openstack")
+    q.add_argument("--project", help="the project (default: the backend's)")
+    q.add_argument("--duration", type=int, default=86400, help="seconds (policy may clip)")
+    q.add_argument("--cloud", default="binder-broker", help="the entry's name in clouds.yaml")
+    q.add_argument(
+        "--clouds-file",
+        default=str(Path.home() / ".config" / "openstack" / "clouds.yaml"),
+        help="default: ~/.config/openstack/clouds.yaml",
+    )
+    q.add_argument("--issuer", help="default: the broker last logged in to")
+    q.set_defaults(func=cmd_credentials_openstack)
     return parser
 
 

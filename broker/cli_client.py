@@ -211,7 +211,7 @@ async def login(
     issuer: str,
     *,
     client_id: str = DEFAULT_CLIENT_ID,
-    scope: str = DEFAULT_SCOPE,
+    scope: str | None = DEFAULT_SCOPE,
     store: TokenStore | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -221,7 +221,7 @@ async def login(
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         device_endpoint, token_endpoint = await discover(http, issuer)
         status, started = await _post_form(
-            http, device_endpoint, {"client_id": client_id, "scope": scope}
+            http, device_endpoint, {"client_id": client_id} | ({"scope": scope} if scope else {})
         )
         if status != 200:
             raise CliError(f"the broker refused to start a sign-in: {_describe(started)}")
@@ -332,7 +332,7 @@ def _run(work: Callable[[], Coroutine[Any, Any, None]]) -> int:
     return 0
 
 
-def run_login(issuer: str, client_id: str, scope: str) -> int:
+def run_login(issuer: str, client_id: str, scope: str | None) -> int:
     """`broker login`: exit code 0 once tokens are stored."""
 
     async def work() -> None:

@@ -17,7 +17,9 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from adapters.base import Backend, Lifecycle, Upstream
+from adapters.base import Backend, Lifecycle, TokenSigner, Upstream
+from adapters.downstream.aws import AwsBackend, AwsRole
+from adapters.downstream.openstack import OpenStackBackend
 from adapters.downstream.secrets import VaultSecretBackend
 from adapters.errors import ConfigurationError, Conflict
 from adapters.upstream.dev import DevUpstream
@@ -34,6 +36,7 @@ from broker.oauth.refresh import RefreshStore
 from broker.sessions import SessionStore
 from broker.settings import (
     AppRoleAuthSettings,
+    AwsBackendConfig,
     BackendConfig,
     DevUpstreamConfig,
     EnvRef,
@@ -86,7 +89,8 @@ class Services:
     backends: dict[str, Backend] = field(default_factory=dict)
 
     async def close(self) -> None:
-        await close_upstreams(self.upstreams)
+        await close_all(self.upstreams)
+        await close_all(self.backends)
         await self.keyring.close()
         await self.audit.flush()  # appends in flight must reach SQL before it closes
         await self.vault.close()
@@ -207,26 +211,73 @@ async def start_upstreams(
             if isinstance(upstream, Lifecycle):
                 await upstream.start()
     except BaseException:
-        await close_upstreams(upstreams)
+        await close_all(upstreams)
         raise
     return upstreams
 
 
-async def close_upstreams(upstreams: Mapping[str, Upstream]) -> None:
-    for upstream in upstreams.values():
-        if isinstance(upstream, Lifecycle):
+async def close_all(adapters: Mapping[str, Upstream | Backend]) -> None:
+    """Close every adapter with background work; one failure does not keep others open."""
+    for name, adapter in adapters.items():
+        if isinstance(adapter, Lifecycle):
             try:
-                await upstream.close()
-            except Exception:  # one adapter's failure must not keep the others open
-                log.exception("upstream.close_failed", upstream=upstream.id)
+                await adapter.close()
+            except Exception:
+                log.exception("adapter.close_failed", adapter=name)
 
 
-def build_backend(config: BackendConfig, *, vault: VaultClient, prefix: str) -> Backend:
+@dataclass(frozen=True, slots=True)
+class BackendContext:
+    """What downstream adapters get from the broker."""
+
+    http: aiohttp.ClientSession
+    vault: VaultClient
+    vault_prefix: str
+    signer: TokenSigner
+
+
+async def build_backend(config: BackendConfig, ctx: BackendContext) -> Backend:
+    """One downstream adapter from its settings; secrets are read here, once."""
     if isinstance(config, VaultSecretBackendConfig):
         return VaultSecretBackend(
-            config.id, vault=vault, prefix=prefix, name=config.name, max_ttl=config.max_ttl
-        )
-    raise ConfigurationError(f"no adapter for backend type {config.type!r}")
+            config.id, vault=ctx.vault, prefix=ctx.vault_prefix, name=config.name,
+            max_ttl=config.max_ttl,
+        )  # fmt: skip
+    if isinstance(config, AwsBackendConfig):
+        return AwsBackend(
+            id=config.id, signer=ctx.signer, audience=config.audience, region=config.region,
+            sts_endpoint=config.sts_endpoint.rstrip("/") if config.sts_endpoint else None,
+            roles=[AwsRole(r.name, r.arn, r.max_duration, r.session_policy) for r in config.roles],
+            default_role=config.default_role, session_tags=config.session_tags,
+        )  # fmt: skip
+    return OpenStackBackend(
+        id=config.id, auth_url=config.auth_url, region=config.region,
+        interface=config.interface, service_user=config.service_user,
+        service_password=await resolve_secret(config.service_password, ctx.vault),
+        service_user_domain=config.service_user_domain, service_project=config.service_project,
+        service_project_domain=config.service_project_domain, user_domain=config.user_domain,
+        user_name=config.user_name, projects=config.projects,
+        default_project=config.default_project, roles=config.roles,
+        access_rules=config.access_rules, max_ttl=config.max_ttl, http=ctx.http,
+    )  # fmt: skip
+
+
+async def start_backends(
+    configs: Sequence[BackendConfig], ctx: BackendContext
+) -> dict[str, Backend]:
+    """Build every backend and start those with background work; on failure, close what
+    was started and raise."""
+    backends: dict[str, Backend] = {}
+    try:
+        for config in configs:
+            backend = await build_backend(config, ctx)
+            backends[config.id] = backend
+            if isinstance(backend, Lifecycle):
+                await backend.start()
+    except BaseException:
+        await close_all(backends)
+        raise
+    return backends
 
 
 async def _session_key(vault: VaultClient, prefix: str) -> bytes:
@@ -323,6 +374,7 @@ async def start_services(
                 issuer=settings.server.public_url,
                 token_endpoint=f"{settings.server.public_url}/oauth/token",
                 clock_skew=settings.tokens.clock_skew, cli_client=settings.oauth.cli_client,
+                backends=[b.id for b in settings.backends],
             ),
             refresh=RefreshStore(db, settings.oauth.refresh_token_ttl),
         )  # fmt: skip
@@ -347,8 +399,15 @@ async def start_services(
         metrics=metrics,
         oauth=oauth,
         signer=KeyRingSigner(keyring, issuer=settings.server.public_url),
-        backends={b.id: build_backend(b, vault=vault, prefix=v.prefix) for b in settings.backends},
     )
+    try:
+        services.backends = await start_backends(
+            settings.backends,
+            BackendContext(http=http, vault=vault, vault_prefix=v.prefix, signer=services.signer),
+        )
+    except BaseException:
+        await services.close()
+        raise
     if with_upstreams:
         context = UpstreamContext(
             public_url=settings.server.public_url, dev_mode=dev_mode, http=http,

@@ -105,8 +105,12 @@ class Client:
         return asked
 
 
-def builtin_clients(cli_client: bool) -> list[ClientConfig]:
-    """`broker-cli`: the public client the `broker login` command uses (device flow)."""
+def builtin_clients(
+    cli_client: bool, *, issuer: str = "", backends: Sequence[str] = ()
+) -> list[ClientConfig]:
+    """`broker-cli`: the public client the `broker login` command uses (device flow). Its
+    tokens are addressed to the broker itself and may carry `launch:<backend>` for every
+    configured backend, so `broker credentials` can call `/v1/credentials` with them."""
     if not cli_client:
         return []
     return [
@@ -115,7 +119,9 @@ def builtin_clients(cli_client: bool) -> list[ClientConfig]:
             name="binder-broker command line",
             auth_method="none",
             grant_types=["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"],
-            scopes=["openid", "profile", "email", "groups", "offline_access"],
+            scopes=["openid", "profile", "email", "groups", "offline_access"]
+            + [f"launch:{backend}" for backend in backends],
+            audiences=[issuer] if issuer else [],
             first_party=True,
         )
     ]
@@ -135,9 +141,11 @@ class ClientRegistry:
         token_endpoint: str,
         clock_skew: int,
         cli_client: bool = True,
+        backends: Sequence[str] = (),
     ) -> None:
         self._static: dict[str, Client] = {
-            c.client_id: Client(c, "builtin") for c in builtin_clients(cli_client)
+            c.client_id: Client(c, "builtin")
+            for c in builtin_clients(cli_client, issuer=issuer, backends=backends)
         }
         self._static.update({c.client_id: Client(c, "settings") for c in configs})
         self._db = db
@@ -202,26 +210,19 @@ class ClientRegistry:
         """The client this request authenticates as, by exactly one method; else InvalidClient."""
         header = request.headers.get("Authorization", "")
         used_basic = header[:6].lower() == "basic "
-        methods = [
-            m
-            for m, present in (
-                ("client_secret_basic", used_basic),
-                ("client_secret_post", "client_secret" in form),
-                ("private_key_jwt", "client_assertion" in form or "client_assertion_type" in form),
-            )
-            if present
-        ]
-        if len(methods) > 1:
+        used_post = "client_secret" in form
+        used_assertion = "client_assertion" in form or "client_assertion_type" in form
+        if used_basic + used_post + used_assertion > 1:
             raise InvalidRequest("use exactly one client authentication method")
         try:
-            if not methods:
+            if not (used_basic or used_post or used_assertion):
                 return await self._public(form)
-            if methods[0] == "client_secret_basic":
+            if used_basic:
                 client_id, secret = _basic_credentials(header)
                 if "client_id" in form and form["client_id"] != client_id:
                     raise InvalidClient("client_id does not match the authenticated client")
                 return await self._with_secret(client_id, secret, "client_secret_basic")
-            if methods[0] == "client_secret_post":
+            if used_post:
                 return await self._with_secret(
                     form.get("client_id", ""), form["client_secret"], "client_secret_post"
                 )
@@ -245,7 +246,7 @@ class ClientRegistry:
             or client.config.secret_hash is None
         ):
             raise InvalidClient("unknown client or wrong authentication method")
-        mac = hmac.new(self._mac_key, f"{client_id}\x00{secret}".encode(), hashlib.sha256).digest()
+        mac = hmac.digest(self._mac_key, f"{client_id}\x00{secret}".encode(), "sha256")
         remembered = self._verified.get(client_id)
         if (
             remembered

@@ -154,9 +154,10 @@ async def test_login_then_token(live_broker: LiveFactory) -> None:
     assert code == 0, err
     token = out.strip()
     assert "\n" not in token  # stdout holds the token and nothing else
-    claims = live.svc.tokens.verify(token, audience=CLI_CLIENT_ID)
+    # Addressed to the broker itself, with every scope the CLI client may ask for by default.
+    claims = live.svc.tokens.verify(token, audience=live.issuer)
     assert claims["client_id"] == CLI_CLIENT_ID
-    assert claims["scope"] == "openid profile groups offline_access"
+    assert claims["scope"] == "openid profile email groups offline_access"
     # Still fresh (ttl 600 s): printed as stored, no refresh.
     assert token == entry["access_token"]
     assert stored(live) == data
@@ -179,7 +180,7 @@ async def test_token_refreshes_a_token_about_to_expire(live_broker: LiveFactory)
     assert code == 0, err
     token = out.strip()
     assert token != before["access_token"]
-    assert live.svc.tokens.verify(token, audience=CLI_CLIENT_ID)["client_id"] == CLI_CLIENT_ID
+    assert live.svc.tokens.verify(token, audience=live.issuer)["client_id"] == CLI_CLIENT_ID
     after = stored(live)["issuers"][live.issuer]
     assert after["access_token"] == token
     assert after["refresh_token"] != before["refresh_token"]  # rotated and stored

@@ -215,7 +215,7 @@ async def test_device_flow_end_to_end(api_for: Any) -> None:
     assert tokens.headers["Cache-Control"] == "no-store"
     body = tokens.json()
     assert body["token_type"] == "Bearer"
-    claims = svc.tokens.verify(body["access_token"], audience=CLI_CLIENT_ID)
+    claims = svc.tokens.verify(body["access_token"], audience=svc.tokens.issuer)
     principal_id = claims["sub"]
     assert claims["client_id"] == CLI_CLIENT_ID
     assert claims["scope"] == "openid profile email groups offline_access"
@@ -233,7 +233,7 @@ async def test_device_flow_end_to_end(api_for: Any) -> None:
     )  # fmt: skip
     assert refreshed.status == 200, refreshed.text
     new = refreshed.json()
-    assert svc.tokens.verify(new["access_token"], audience=CLI_CLIENT_ID)["sub"] == principal_id
+    assert svc.tokens.verify(new["access_token"], audience=svc.tokens.issuer)["sub"] == principal_id
     assert new["refresh_token"] != body["refresh_token"]
 
     # Audit: one approval naming client and user, one device issuance; no code anywhere.
@@ -256,7 +256,7 @@ async def test_public_client_may_narrow_scopes(api_for: Any) -> None:
     assert (await browser.approve(started["user_code"])).status == 200
     body = (await poll(client, started["device_code"])).json()
     assert body["scope"] == "openid groups"
-    claims = svc.tokens.verify(body["access_token"], audience=CLI_CLIENT_ID)
+    claims = svc.tokens.verify(body["access_token"], audience=svc.tokens.issuer)
     assert claims["scope"] == "openid groups"
 
 

@@ -188,7 +188,9 @@ async def test_authlib_device_flow_for_the_cli_client(live: LiveBroker) -> None:
 
         token = await poll_authlib(client, meta["token_endpoint"], grant)
         assert token["scope"] == "openid profile offline_access"
-        claims = live.services.tokens.verify(token["access_token"], audience="broker-cli")
+        claims = live.services.tokens.verify(
+            token["access_token"], audience=live.services.tokens.issuer
+        )
         assert claims["sub"] == dev_sub("bea") and claims["client_id"] == "broker-cli"
         assert "refresh_token" in token and "id_token" in token
         # The device code is single-use.
@@ -346,7 +348,9 @@ async def test_requests_oauthlib_device_client(
         assert token is not None
     finally:
         session.close()
-    claims = live.services.tokens.verify(token["access_token"], audience="broker-cli")
+    claims = live.services.tokens.verify(
+        token["access_token"], audience=live.services.tokens.issuer
+    )
     assert claims["sub"] == dev_sub("dee") and claims["groups"] == ["students"]
     assert [e["data"]["grant_type"] for e in issued(live, "broker-cli")[before:]] == [DEVICE_GRANT]
 

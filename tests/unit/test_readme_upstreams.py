@@ -86,3 +86,17 @@ def test_the_commented_upstreams_in_the_example_settings_validate() -> None:
     ]
     settings = parse_settings(MINIMAL | tomllib.loads("\n".join(lines)), mode="production")
     assert [u.type for u in settings.upstreams] == ["oidc", "saml"]
+
+
+def _readme_backend_blocks() -> list[str]:
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text("utf-8"), flags=re.S)
+    return [b for b in blocks if "[[backends]]" in b]
+
+
+def test_readme_backend_examples_validate() -> None:
+    blocks = _readme_backend_blocks()
+    kinds = []
+    for block in blocks:
+        settings = parse_settings(copy.deepcopy(MINIMAL) | tomllib.loads(block), mode="production")
+        kinds += [b.type for b in settings.backends]
+    assert sorted(kinds) == ["aws", "openstack"]

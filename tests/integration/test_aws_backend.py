@@ -21,7 +21,7 @@ from moto.iam.access_control import IAMPolicy, PermissionResult
 
 from adapters.base import Grant, Principal
 from adapters.downstream.aws import AwsBackend, AwsRole, session_name
-from adapters.errors import AccessDenied, ConfigurationError, InvalidRequest, UpstreamFailed
+from adapters.errors import AccessDenied, InvalidRequest, UpstreamFailed
 from adapters.vault import AppRoleAuth
 from broker.app import app_with_services
 from broker.devvault import DevVault
@@ -450,12 +450,7 @@ async def api(
             "scopes": ["launch:aws", "launch:aws-down"], "first_party": True,
         }],
     )  # fmt: skip
-    try:
-        svc = await start_broker(settings, dev_mode=False)
-    except ConfigurationError as error:
-        if "no adapter for backend type 'aws'" in error.description:
-            pytest.skip("services.build_backend does not build aws backends yet")
-        raise
+    svc = await start_broker(settings, dev_mode=False)
     try:
         await remember_principal(svc, ADA)
         server = TestServer(app_with_services(svc), host="127.0.0.1", port=port)

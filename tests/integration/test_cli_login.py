@@ -62,8 +62,8 @@ async def live_broker(
     """A factory: `await live_broker(**settings_sections)` → a broker served on a real port."""
     opened: list[tuple[Services, TestClient[Any, Any]]] = []
 
-    async def start(**sections: Any) -> Live:
-        port = _free_port()
+    async def start(port: int | None = None, **sections: Any) -> Live:
+        port = port or _free_port()
         issuer = f"http://127.0.0.1:{port}"
         oauth = {"device_poll_interval": 1, **sections.pop("oauth", {})}
         settings = make_settings(

@@ -458,7 +458,10 @@ class OidcUpstream:
     async def refresh(self, principal: Principal) -> Principal:
         """Use the stored upstream refresh token (rotating it) and return the up-to-date
         Principal. `AccessDenied` if none is stored or the OP refuses (the token is then
-        deleted); `UpstreamFailed` if the OP or Vault cannot be reached (the token is kept)."""
+        deleted); `UpstreamFailed` if the OP or Vault cannot be reached (the token is kept).
+        Without `keep_refresh_token` there is nothing to refresh: `principal` comes back as is."""
+        if not self._keep_refresh_token:
+            return principal
         if principal.idp != self.id:
             raise InvalidRequest(
                 "This account did not sign in here.",

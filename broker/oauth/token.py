@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from adapters.base import Principal, Refreshable
 from broker.errors import (
+    AccessDenied,
     InvalidGrant,
     InvalidRequest,
     InvalidScope,
@@ -23,7 +25,13 @@ from broker.errors import (
 from broker.oauth import dpop
 from broker.oauth.clients import Client
 from broker.oauth.forms import read_oauth_form
-from broker.oauth.issuance import Issued, TokenRequest, issue, load_principal
+from broker.oauth.issuance import (
+    Issued,
+    TokenRequest,
+    issue,
+    load_principal,
+    remember_principal,
+)
 from broker.services import Services
 from broker.state import services
 
@@ -122,6 +130,7 @@ async def refresh_token(ctx: GrantContext) -> Issued:
     principal = await load_principal(ctx.svc, used.subject)
     if principal is None:
         raise InvalidGrant("the user of this refresh token is no longer known")
+    principal = await _refreshed_upstream(ctx.svc, principal, used.family_id)
     granted = list(used.grant.get("scopes", []))
     scopes = granted
     if "scope" in ctx.form:
@@ -135,6 +144,30 @@ async def refresh_token(ctx: GrantContext) -> Issued:
         refresh_expires_at=used.expires_at, extra_audit={"refresh_family": used.family_id},
     )  # fmt: skip
     return await issue(ctx.svc, request)
+
+
+async def _refreshed_upstream(svc: Services, principal: Principal, family: str) -> Principal:
+    """The principal as its upstream sees it now, where the upstream can say (an OpenID
+    provider with a kept refresh token): groups stay current, and a person the upstream no
+    longer accepts loses the broker's refresh tokens too."""
+    upstream = svc.upstreams.get(principal.idp)
+    if not isinstance(upstream, Refreshable):
+        return principal
+    try:
+        fresh = await upstream.refresh(principal)
+    except AccessDenied as error:
+        await svc.oauth.refresh.revoke_family(family)
+        await svc.audit.append(
+            "token.refresh_refused", outcome="denied", actor=principal.id, idp=principal.idp,
+            refresh_family=family, reason=error.log_detail[:300],
+        )  # fmt: skip
+        raise InvalidGrant(
+            f"your sign-in at {principal.idp} has ended; sign in again",
+            log_detail=error.log_detail,
+        ) from None
+    if fresh != principal:
+        await remember_principal(svc, fresh)
+    return fresh
 
 
 def add_routes(app: web.Application) -> None:

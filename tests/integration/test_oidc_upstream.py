@@ -356,3 +356,69 @@ async def test_op_down_at_start_does_not_stop_the_broker(broker: Services, tmp_p
         finally:
             op.stop()
     assert upstream.issuer == issuer
+
+
+async def test_broker_refresh_follows_the_upstream(
+    broker: Services,
+    browser: aiohttp.ClientSession,
+    ops: dict[str, OidcOp],
+    openbao_root: hvac.Client,
+) -> None:
+    """The broker's refresh_token grant refreshes at the OP first: while the OP accepts, new
+    tokens are issued; once the OP refuses, the broker refuses too and ends the family."""
+    svc = broker
+    await build_upstream(svc, **op_a_config(ops["a"], id="op-a-refresh", keep_refresh_token=True))
+    async with TestClient(TestServer(app_with_services(svc))) as raw:
+        client = ContractClient(raw)
+        verifier, challenge = pkce()
+        params = {
+            "response_type": "code", "client_id": "hub", "redirect_uri": HUB,
+            "scope": "openid groups", "state": "st-r", "code_challenge": challenge,
+            "code_challenge_method": "S256", "idp": "op-a-refresh",
+        }  # fmt: skip
+        first = await client.get("/oauth/authorize", params=params, headers={"Accept": "text/html"})
+        next_url = parse_qs(urlsplit(first.headers["Location"]).query)["next"][0]
+        done = await sign_in_at_op(client, browser, "op-a-refresh", ADA, next_url)
+        assert done.status == 303, done.text
+        resumed = await client.get(next_url, headers={"Accept": "text/html"})
+        answer = parse_qs(urlsplit(resumed.headers["Location"]).query)
+        token = await client.post(
+            "/oauth/token", headers=basic("hub", SECRET),
+            data={"grant_type": "authorization_code", "code": answer["code"][0],
+                  "redirect_uri": HUB, "code_verifier": verifier},
+        )  # fmt: skip
+        assert token.status == 200, token.text
+        principal = await session_principal(svc, done.cookies[SESSION_COOKIE])
+        path = f"{svc.settings.vault.prefix}/upstream-tokens/op-a-refresh/{principal.id}"
+
+        def upstream_token() -> str:
+            entry = openbao_root.secrets.kv.v2.read_secret_version(
+                path=path, mount_point="secret", raise_on_deleted_version=True
+            )
+            return str(entry["data"]["data"]["refresh_token"])
+
+        before = upstream_token()
+        refreshed = await client.post(
+            "/oauth/token", headers=basic("hub", SECRET),
+            data={"grant_type": "refresh_token", "refresh_token": token.json()["refresh_token"]},
+        )  # fmt: skip
+        assert refreshed.status == 200, refreshed.text
+        assert upstream_token() != before  # the OP was asked, and rotated its token
+        claims = svc.tokens.verify(refreshed.json()["access_token"], audience="hub")
+        assert claims["groups"] == ADA["groups"]
+
+        # The OP now refuses (its rotated-away token is all the broker holds).
+        openbao_root.secrets.kv.v2.create_or_update_secret(
+            path=path, secret={"refresh_token": before, "sub": ADA["sub"]}, mount_point="secret"
+        )
+        newest = refreshed.json()["refresh_token"]
+        refused = await client.post(
+            "/oauth/token", headers=basic("hub", SECRET),
+            data={"grant_type": "refresh_token", "refresh_token": newest},
+        )  # fmt: skip
+        assert refused.status == 400 and refused.json()["error"] == "invalid_grant"
+        assert "sign in again" in refused.json()["error_description"]
+        [record] = audit_events(svc, "token.refresh_refused")
+        assert record["actor"] == principal.id and record["data"]["idp"] == "op-a-refresh"
+        # The whole family ended: no later refresh works even if the OP came back.
+        assert not await svc.oauth.refresh.family_active(record["data"]["refresh_family"])

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from adapters.base import Principal
 from adapters.vault import AppRoleAuth
 from broker.app import app_with_services
-from broker.devvault import DevVault
+from broker.devvault import DevVault, provision
 from broker.oauth.bearer import revoke_access_token
 from broker.oauth.clients import hash_secret
 from broker.oauth.issuance import remember_principal
@@ -241,3 +241,35 @@ async def test_token_exchange_with_a_backend_as_resource(
     refused = await client.post("/oauth/token", data=form | {"subject_token": narrow}, headers=auth)
     assert refused.status == 400 and refused.json()["error"] == "invalid_scope"
     assert len([r for r in leases(svc) if r["event"] == "credential.issued"]) == 1
+
+
+async def test_vault_unreachable_is_503_with_nothing_issued_or_leaked(
+    tmp_path: Path, fresh_openbao: DevVault
+) -> None:
+    auth = await provision(fresh_openbao.address, fresh_openbao.root_token)
+    settings = make_settings(
+        tmp_path, fresh_openbao.address, auth, mode="production", upstreams=[],
+        backends=[{"type": "vault_secret", "id": "home", "name": "home-token"}],
+    )  # fmt: skip
+    svc = await start_broker(settings, dev_mode=False)
+    try:
+        await remember_principal(svc, ADA)
+        await svc.vault.kv_write(
+            f"{svc.settings.vault.prefix}/users/{ADA.id}/home-token", {"token": SECRET}
+        )
+        access, _, _ = await token(svc, scope=("launch:home",))
+        fresh_openbao.stop()
+        async with TestClient(TestServer(app_with_services(svc))) as raw:
+            client = ContractClient(raw)
+            answer = await post(client, access, {"backend": "home"})
+            assert answer.status == 503
+            assert answer.json()["error"] == "temporarily_unavailable"
+            assert SECRET not in answer.text and access not in answer.text
+            listed = await client.get("/v1/credentials", headers=bearer(access))
+            assert listed.json()["leases"] == []
+        [failed] = [r for r in leases(svc) if r["event"] == "credential.failed"]
+        assert failed["data"]["backend"] == "home"
+        assert not [r for r in leases(svc) if r["event"] == "credential.issued"]
+        assert SECRET not in Path(svc.settings.audit.path).read_text()
+    finally:
+        await svc.close()

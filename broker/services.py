@@ -259,6 +259,8 @@ async def build_backend(config: BackendConfig, ctx: BackendContext) -> Backend:
         user_name=config.user_name, projects=config.projects,
         default_project=config.default_project, roles=config.roles,
         access_rules=config.access_rules, max_ttl=config.max_ttl, http=ctx.http,
+        signer=ctx.signer, identity_provider=config.identity_provider,
+        protocol=config.federation_protocol, audience=config.audience,
     )  # fmt: skip
 
 

@@ -505,9 +505,11 @@ class AwsBackendConfig(_Model):
 class OpenStackBackendConfig(_Model):
     """Keystone application credentials (Jetstream2 and other OpenStack clouds).
 
-    The broker signs in to Keystone as its own service user (password from Vault) and creates,
-    for the user's mapped Keystone user and project, an application credential with an
-    expiry, a subset of roles and access rules, `unrestricted = false`."""
+    Keystone lets only a user create their own application credential, so the broker signs
+    the user in through Keystone federation (a short-lived JWT of its own, as an OpenID
+    identity provider Keystone trusts) and creates, in the mapped project, a credential with
+    an expiry, a subset of roles and access rules, `unrestricted = false`. Its own service
+    user (password from Vault) only revokes and cleans up."""
 
     type: Literal["openstack"]
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
@@ -526,6 +528,9 @@ class OpenStackBackendConfig(_Model):
     roles: list[str] = Field(default_factory=lambda: ["member"])  # the subset handed out
     access_rules: list[dict[str, str]] = Field(default_factory=list)
     max_ttl: Duration = 86400
+    identity_provider: str = "binder-broker"  # Keystone's name for the broker as an IdP
+    federation_protocol: str = "openid"
+    audience: str | None = None  # of the broker's JWT for Keystone; default: auth_url
 
 
 BackendConfig = Annotated[

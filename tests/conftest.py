@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.peers.sql_cache",
     "tests.peers.broker",
     "tests.peers.moto",
+    "tests.peers.keystone",
 ]

@@ -443,33 +443,43 @@ class OpenStackBackend:
         send = {"Accept": "application/json", **(headers or {})}
         if token is not None:
             send["X-Auth-Token"] = token
-        try:
-            async with self._http.request(
-                method,
-                self._base + path,
-                json=json_body,
-                headers=send,
-                timeout=_TIMEOUT,
-                allow_redirects=False,
-            ) as resp:
-                raw = await resp.read()
-                try:
-                    body: Any = json.loads(raw) if raw else {}
-                except ValueError:
-                    body = {}
-                challenge = resp.headers.get("WWW-Authenticate", "").lower()
-                return _Response(
-                    resp.status,
-                    body,
-                    resp.headers.get("X-Subject-Token"),
-                    challenge.startswith("bearer"),
-                )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        for attempt in range(2):
+            try:
+                async with self._http.request(
+                    method,
+                    self._base + path,
+                    json=json_body,
+                    headers=send,
+                    timeout=_TIMEOUT,
+                    allow_redirects=False,
+                ) as resp:
+                    raw = await resp.read()
+                    try:
+                        body: Any = json.loads(raw) if raw else {}
+                    except ValueError:
+                        body = {}
+                    challenge = resp.headers.get("WWW-Authenticate", "").lower()
+                    return _Response(
+                        resp.status,
+                        body,
+                        resp.headers.get("X-Subject-Token"),
+                        challenge.startswith("bearer"),
+                    )
+            except aiohttp.ServerDisconnectedError:
+                # A pooled keep-alive connection the server had already closed: the request
+                # never reached Keystone, so one retry on a fresh connection is safe (and a
+                # repeated create would collide on the lease's unique name, not duplicate).
+                if attempt == 0:
+                    continue
+                error: Exception = aiohttp.ServerDisconnectedError()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error = exc
             raise UpstreamFailed(
                 "OpenStack Keystone is unreachable",
                 log_detail=f"backend {self.id}: {method} {urlsplit(self._base).netloc}"
-                f"{path.split('?')[0]}: {type(exc).__name__}",
-            ) from None
+                f"{path.split('?')[0]}: {type(error).__name__}",
+            )
+        raise AssertionError("unreachable")  # the loop always returns or raises
 
     def _failed(self, what: str, resp: _Response) -> UpstreamFailed:
         return UpstreamFailed(
@@ -479,7 +489,7 @@ class OpenStackBackend:
 
 
 def _v3(auth_url: str) -> str:
-    url = auth_url.rstrip("/")
+    url = str(auth_url).rstrip("/")
     return url if url.endswith("/v3") else url + "/v3"
 
 

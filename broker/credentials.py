@@ -197,7 +197,7 @@ def lease_view(record: LeaseRecord) -> dict[str, Any]:
 
 async def live_leases(svc: Services, principal_id: str) -> list[LeaseRecord]:
     now = datetime.now(UTC)
-    async with svc.db.sessions() as session:
+    async with svc.db.reads() as session:
         rows = await session.scalars(
             select(LeaseRecord)
             .where(LeaseRecord.principal_id == principal_id)
@@ -211,7 +211,7 @@ async def live_leases(svc: Services, principal_id: str) -> list[LeaseRecord]:
 async def revoke_lease(svc: Services, principal_id: str, lease_id: str) -> bool:
     """End one of the caller's leases. Returns whether the backend itself revoked the
     credential (False: it cannot, and the credential lives until it expires)."""
-    async with svc.db.sessions() as session:
+    async with svc.db.reads() as session:
         record = await session.get(LeaseRecord, lease_id)
     if record is None or record.principal_id != principal_id or record.revoked_at is not None:
         raise NotFound("You have no live credential with that lease id.")

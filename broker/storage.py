@@ -267,6 +267,11 @@ class Database:
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )
+        # For transactions that only read: on SQLite they begin DEFERRED and so never queue
+        # for the write lock (a write in one fails instead of waiting: use `sessions` there).
+        self.reads: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine.execution_options(broker_read_only=True), expire_on_commit=False
+        )
 
     def __repr__(self) -> str:
         return f"Database({self._display_url!r})"
@@ -320,4 +325,5 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get("broker_read_only", False)
+        conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")

@@ -74,7 +74,7 @@ async def remember_principal(svc: Services, principal: Principal) -> None:
 
 
 async def load_principal(svc: Services, principal_id: str) -> Principal | None:
-    async with svc.db.sessions() as session:
+    async with svc.db.reads() as session:
         record = await session.get(PrincipalRecord, principal_id)
     return Principal.from_json(record.document) if record else None
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from broker.errors import ServerError, UpstreamFailed
@@ -48,8 +47,12 @@ _FIELDS = frozenset({"seq", "ts", "event", "outcome", "actor", "chain", "prev", 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 1 << 16
 _BATCH = 256  # records per fsync and SQL transaction
-_Entry = tuple[str, str, str | None, dict[str, Any]]  # event, outcome, actor, data
+# event, outcome, actor, data, and data as canonical JSON
+_Entry = tuple[str, str, str | None, dict[str, Any], str]
 _INSERT_BATCH = 500
+# Built once: SQLAlchemy memoises a statement's cache key on the object, so reusing it skips
+# constructing the statement and walking it for the compiled-statement cache on every batch.
+_INSERT = insert(AuditIndex)
 
 
 def _index_row(record: AuditRecord) -> dict[str, Any]:
@@ -82,6 +85,10 @@ def canonical_json(value: Any) -> str:
     )
 
 
+_dumps_str = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+"""`canonical_json` of a string or None (no containers, so no key order to care about)."""
+
+
 def record_hash(body: Mapping[str, Any]) -> str:
     """SHA-256 hex of the canonical JSON of a record without its `hash` field."""
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
@@ -97,28 +104,78 @@ def _is_secret_name(name: str) -> bool:
     return any(w in lowered for w in _SECRET_WORDS) and not lowered.endswith(_SAFE_SUFFIXES)
 
 
+def _looks_like_jwt(text: str) -> bool:
+    # Every match of _JWT contains "eyJ": the substring test rules out most values in C.
+    return "eyJ" in text and _JWT.search(text) is not None
+
+
+# Field names repeat from record to record: remember each name's verdict (bounded).
+_NAME_OK, _NAME_JWT, _NAME_SECRET = 0, 1, 2
+_name_verdicts: dict[str, int] = {}
+
+
+def _name_verdict(name: str) -> int:
+    verdict = _name_verdicts.get(name)
+    if verdict is None:
+        if _looks_like_jwt(name):
+            verdict = _NAME_JWT
+        elif _is_secret_name(name):
+            verdict = _NAME_SECRET
+        else:
+            verdict = _NAME_OK
+        if len(_name_verdicts) < 4096:
+            _name_verdicts[name] = verdict
+    return verdict
+
+
 def check_no_secrets(value: Any, path: str = "") -> None:
     """Raise `ValueError` if `value` (recursively) holds a JWT-shaped string or a key whose name
     suggests a secret (`access_token`, `client_secret`; but `token_jti`, `key_id`,
     `secret_hash` are fine). The message names the field, never the value."""
+    _check(value, path)
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def _check(value: Any, path: str) -> bool:
+    """`check_no_secrets`; returns False if some mapping in `value` has a key that is not a
+    string (JSON turns such keys into strings, which can change their sorted order)."""
+    plain = True
     if isinstance(value, str):
-        if _JWT.search(value):
+        if _looks_like_jwt(value):
             raise ValueError(
                 f"{path or 'a value'} looks like a JWT; record its jti or a hash instead"
             )
     elif isinstance(value, Mapping):
         for name, item in value.items():
-            if isinstance(name, str) and _JWT.search(name):
-                raise ValueError(f"a field name in {path or 'the record'} looks like a JWT")
-            sub = f"{path}.{name}" if path else str(name)
-            if isinstance(name, str) and _is_secret_name(name):
-                raise ValueError(
-                    f"field {sub!r} names a secret; audit records hold ids and hashes only"
-                )
-            check_no_secrets(item, sub)
+            if type(name) is str or isinstance(name, str):
+                verdict = _name_verdict(name)
+                if verdict == _NAME_JWT:
+                    raise ValueError(f"a field name in {path or 'the record'} looks like a JWT")
+                if verdict == _NAME_SECRET:
+                    sub = f"{path}.{name}" if path else name
+                    raise ValueError(
+                        f"field {sub!r} names a secret; audit records hold ids and hashes only"
+                    )
+            else:
+                plain = False
+            kind = type(item)
+            if kind in _SCALARS:
+                continue  # cannot hold a secret; skips the slower ABC checks below
+            if kind is str or isinstance(item, str):
+                if _looks_like_jwt(item):
+                    sub = f"{path}.{name}" if path else str(name)
+                    raise ValueError(
+                        f"{sub or 'a value'} looks like a JWT; record its jti or a hash instead"
+                    )
+            elif kind is dict or kind is list or isinstance(item, Mapping | list | tuple):
+                plain = _check(item, f"{path}.{name}" if path else str(name)) and plain
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            check_no_secrets(item, f"{path}[{i}]")
+            if type(item) not in _SCALARS and isinstance(item, str | Mapping | list | tuple):
+                plain = _check(item, f"{path}[{i}]") and plain
+    return plain
 
 
 @dataclass(frozen=True)
@@ -223,11 +280,14 @@ class AuditLog:
         self.path = Path(path)
         self.db = db
         self.chain = chain
-        self._pending: set[asyncio.Future[AuditRecord]] = set()
+        self._chain_json = _dumps_str(chain)
         # Group commit: appends queue here and one writer task writes them in batches, with
         # one fsync and one SQL transaction per batch instead of one per record.
         self._queue: list[tuple[_Entry, asyncio.Future[AuditRecord]]] = []
         self._writer: asyncio.Task[None] | None = None
+        # The last line this instance wrote (bytes, with its newline), the file's size right
+        # after, and that line's record: see `_write`.
+        self._tail: tuple[bytes, int, AuditRecord] | None = None
 
     async def append(
         self, event: str, *, outcome: str, actor: str | None = None, **fields: Any
@@ -239,31 +299,34 @@ class AuditLog:
         already holds this seq (both need an operator: run `verify`); `UpstreamFailed` if the
         index insert fails, in which case the record is already in the file (see module doc).
         """
-        check_no_secrets({"event": event, "outcome": outcome, "actor": actor})
-        check_no_secrets(fields)
-        # Round-trip so the returned record holds exactly what verify will read back.
-        data: dict[str, Any] = json.loads(canonical_json(fields))
-        # Shielded: a caller cancelled mid-append (a client hanging up) must not leave a record
-        # in the file without its index row.
-        task = asyncio.ensure_future(self._append(event, outcome, actor, data))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        return await asyncio.shield(task)
+        if not isinstance(event, str) or not isinstance(outcome, str):
+            raise ValueError("event and outcome must be strings")
+        if not (actor is None or isinstance(actor, str)):
+            raise ValueError("actor is not a string or null")
+        for name, value in (("event", event), ("outcome", outcome), ("actor", actor)):
+            if value is not None and _looks_like_jwt(value):
+                raise ValueError(f"{name} looks like a JWT; record its jti or a hash instead")
+        plain = _check(fields, "")
+        # Serialised once, here: the writer splices this text into the line it hashes, and the
+        # round trip makes the returned record hold exactly what verify will read back.
+        data_json = canonical_json(fields)
+        data: dict[str, Any] = json.loads(data_json)
+        if not plain:  # e.g. {10: x, 9: y}: sorted as numbers before, as strings after
+            data_json = canonical_json(data)
+        done: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
+        # Queued before the first await: from here on the record is written even if the caller
+        # is cancelled (a client hanging up), because the writer task, not the caller, owns it;
+        # a cancelled caller only stops waiting for the result. `flush` waits for the writer.
+        self._queue.append(((event, outcome, actor, data, data_json), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="audit-writer")
+        return await done
 
     async def flush(self) -> None:
         """Wait until every append in flight is written and indexed, including appends whose
         caller was cancelled; call before closing the database at shutdown."""
-        while self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-
-    async def _append(
-        self, event: str, outcome: str, actor: str | None, data: dict[str, Any]
-    ) -> AuditRecord:
-        done: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
-        self._queue.append(((event, outcome, actor, data), done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain(), name="audit-writer")
-        return await done
+        while self._writer is not None and not self._writer.done():
+            await asyncio.wait([self._writer])
 
     async def _drain(self) -> None:
         """Write queued records in batches until the queue is empty."""
@@ -290,26 +353,41 @@ class AuditLog:
             # Held across read-last-line and write: another process appending to the same file
             # must see our record before choosing its seq and prev.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            last = self._last_record(fd)
+            last = self._own_tail(fd)
+            if last is None:
+                last = self._last_record(fd)
             records: list[AuditRecord] = []
-            for event, outcome, actor, data in entries:
-                body = {
-                    "seq": 1 if last is None else last.seq + 1,
-                    "ts": format_ts(datetime.now(UTC)),
-                    "event": event,
-                    "outcome": outcome,
-                    "actor": actor,
-                    "chain": self.chain,
-                    "prev": GENESIS_HASH if last is None else last.hash,
-                    "data": data,
-                }
-                last = AuditRecord.from_json({**body, "hash": record_hash(body)})
+            lines: list[str] = []
+            chain = self.chain
+            chain_json = self._chain_json
+            for event, outcome, actor, data, data_json in entries:
+                seq = 1 if last is None else last.seq + 1
+                prev = GENESIS_HASH if last is None else last.hash
+                now = datetime.now(UTC)
+                # The canonical JSON of the record, built from its parts: keys in sorted order
+                # (actor, chain, data, event, [hash,] outcome, prev, seq, ts), each value
+                # serialised as `canonical_json` would. `hash` sorts between event and outcome.
+                head = (
+                    f'{{"actor":{_dumps_str(actor)},"chain":{chain_json},"data":{data_json},'
+                    f'"event":{_dumps_str(event)}'
+                )
+                rest = (
+                    f',"outcome":{_dumps_str(outcome)},"prev":"{prev}","seq":{seq},'
+                    f'"ts":"{format_ts(now)}"}}'
+                )
+                digest = hashlib.sha256((head + rest).encode()).hexdigest()
+                lines.append(f'{head},"hash":"{digest}"{rest}\n')
+                last = AuditRecord(seq, now, event, outcome, actor, chain, prev, data, digest)
                 records.append(last)
-            line = "".join(r.to_line() + "\n" for r in records).encode()
+            line = "".join(lines).encode()
             written = 0
             while written < len(line):
                 written += os.write(fd, line[written:])
+            self._tail = None if last is None else (lines[-1].encode(), os.fstat(fd).st_size, last)
             os.fsync(fd)
+        except BaseException:
+            self._tail = None
+            raise
         finally:
             os.close(fd)  # also releases the flock
         if created:
@@ -320,6 +398,23 @@ class AuditLog:
             finally:
                 os.close(dir_fd)
         return records
+
+    def _own_tail(self, fd: int) -> AuditRecord | None:
+        """The file's last record if the file still ends, byte for byte, with the last line this
+        instance wrote (after a newline or at the start), else None. Reading those bytes back
+        is what `_last_record` would do too, short of parsing and validating the line again;
+        another writer (a replica, an editor, a truncation) makes this return None."""
+        if self._tail is None:
+            return None
+        line, size, record = self._tail
+        if os.fstat(fd).st_size != size:
+            return None
+        start = size - len(line)
+        if start < 0:
+            return None
+        if start == 0:
+            return record if os.pread(fd, len(line), 0) == line else None
+        return record if os.pread(fd, len(line) + 1, start - 1) == b"\n" + line else None
 
     def _last_record(self, fd: int) -> AuditRecord | None:
         size = os.fstat(fd).st_size
@@ -363,7 +458,7 @@ class AuditLog:
         try:
             rows = [_index_row(record) for record in records]
             async with self.db.engine.begin() as conn:  # Core executemany: no ORM overhead
-                await conn.execute(insert(AuditIndex), rows)
+                await conn.execute(_INSERT, rows)
         except IntegrityError as exc:
             raise ServerError(
                 "the audit log cannot be written",
@@ -562,6 +657,9 @@ class AuditLog:
             prev = rec
         missing = [_index_row(r) for r in valid if r.seq not in index]
         added = 0
+        # Only reindex needs the dialects' upsert constructs: imported here, not at start-up.
+        from sqlalchemy.dialects import postgresql, sqlite
+
         upsert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
         try:
             for start in range(0, len(missing), _INSERT_BATCH):

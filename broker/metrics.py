@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Children looked up per request are kept in a dict: `labels()` validates and stringifies its
+# arguments and takes the metric's lock on every call, ~4 µs each on the token path. The cap
+# bounds memory if a client sends many odd methods; past it, lookups go through `labels()`.
+_MAX_CACHED_CHILDREN = 1024
 
 
 class Metrics:
@@ -38,12 +44,34 @@ class Metrics:
             registry=self.registry,
         )
         self._key_ages: Callable[[], Mapping[str, float]] | None = None
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+        self._minted_children: dict[str, Any] = {}
+
+    def request_handled(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and observe its latency (same series as `labels()` gives)."""
+        key = (route, method, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self.requests.labels(route=route, method=method, status=status)
+            if len(self._request_children) < _MAX_CACHED_CHILDREN:
+                self._request_children[key] = counter
+        counter.inc()
+        histogram = self._latency_children.get(route)
+        if histogram is None:
+            histogram = self.latency.labels(route=route)
+            if len(self._latency_children) < _MAX_CACHED_CHILDREN:
+                self._latency_children[route] = histogram
+        histogram.observe(seconds)
 
     def watch_key_ages(self, source: Callable[[], Mapping[str, float]]) -> None:
         self._key_ages = source
 
     def token_minted(self, kind: str) -> None:
-        self.tokens_minted.labels(kind=kind).inc()
+        counter = self._minted_children.get(kind)
+        if counter is None:
+            counter = self._minted_children[kind] = self.tokens_minted.labels(kind=kind)
+        counter.inc()
 
     def render(self) -> bytes:
         """The exposition text, with key ages read at scrape time."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -25,11 +25,15 @@ from broker.errors import (
     PayloadTooLarge,
     ServerError,
 )
+from broker.logs import PreboundLogger
 from broker.metrics import Metrics
 from broker.pages import esc, render
 from broker.state import REQUEST_ID
 
 log = structlog.get_logger("broker.http")
+# The per-request line goes through a logger bound once per logging configuration: the lazy
+# proxy above would assemble a new bound logger on every call.
+request_log = PreboundLogger("broker.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
@@ -103,7 +107,8 @@ def build_middlewares(
     @web.middleware
     async def correlate_and_render(request: web.Request, handler: Handler) -> web.StreamResponse:
         inbound = request.headers.get("X-Request-Id", "")
-        request_id = inbound if _REQUEST_ID.match(inbound) else uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, like uuid4().hex without its cost.
+        request_id = inbound if inbound and _REQUEST_ID.match(inbound) else secrets.token_hex(16)
         request[REQUEST_ID] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -137,12 +142,8 @@ def build_middlewares(
             structlog.contextvars.unbind_contextvars("request_id")
         elapsed = time.perf_counter() - started
         response.headers["X-Request-Id"] = request_id
-        metrics = metrics_of()
-        metrics.requests.labels(
-            route=route_name, method=request.method, status=response.status
-        ).inc()
-        metrics.latency.labels(route=route_name).observe(elapsed)
-        log.info(
+        metrics_of().request_handled(route_name, request.method, response.status, elapsed)
+        request_log.info(
             "request",
             request_id=request_id,
             method=request.method,

@@ -7,6 +7,7 @@ the one the `kid` was published with, from an allow-list, and never contacts Vau
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jwt
+from jwt.algorithms import Algorithm
 
 from adapters.errors import InvalidRequest, InvalidToken
 from broker.keyring import SUPPORTED_ALGORITHMS, KeyRing, SigningKey
@@ -28,6 +30,16 @@ _RESERVED = frozenset(
 )  # fmt: skip
 _REQUIRED = {"access": ["iss", "sub", "aud", "exp", "iat", "jti", "client_id"],
              "id": ["iss", "sub", "aud", "exp", "iat"]}  # fmt: skip
+# Header segments seen by `verify` and their parsed headers, kept only for headers that name
+# a current broker key. Broker tokens carry a handful (one per key and type), so the header is
+# parsed once, not on every call; the bounds keep crafted headers from growing it.
+_MAX_CACHED_HEADERS = 256
+_MAX_HEADER_SEGMENT = 512  # characters; ours are ~100
+
+
+def _b64(data: bytes) -> bytes:
+    """base64url without padding (RFC 7515 §2), as PyJWT encodes segments."""
+    return base64.urlsafe_b64encode(data).replace(b"=", b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +78,9 @@ class TokenService:
         self._skew = clock_skew
         self._on_mint = on_mint
         self._clock = clock
+        self._header_segments: dict[tuple[str, str, str], bytes] = {}
+        self._algorithms: dict[str, Algorithm] = {}
+        self._headers_seen: dict[str, dict[str, Any]] = {}
 
     async def mint(
         self,
@@ -123,28 +138,58 @@ class TokenService:
             claims["act"] = dict(act)
         if extra:
             claims.update(extra)
-        headers = {"kid": key.kid, "typ": _TYP[kind]}
+        # The JWS is assembled here rather than by `jwt.encode`: the header segment is the same
+        # for every token of one key and type, so it is serialised once (the bytes `jwt.encode`
+        # would produce: sorted keys, compact), and the signature comes from PyJWT's algorithm
+        # object, locally or from Vault transit alike.
+        signing_input = (
+            self._header_segment(key, _TYP[kind])
+            + b"."
+            + _b64(json.dumps(claims, separators=(",", ":")).encode())
+        )
         if key.private_key is not None:
-            token = jwt.encode(claims, key.private_key, algorithm=key.alg, headers=headers)
+            signature = self._algorithm(key.alg).sign(signing_input, key.private_key)
         else:
-            token = await self._sign_remotely(claims, headers | {"alg": key.alg}, key)
+            signature = await self._keyring.sign(key, signing_input)
+        token = (signing_input + b"." + _b64(signature)).decode()
         if self._on_mint is not None:
             self._on_mint(kind)
         return MintedToken(
             token=token, jti=jti, kid=key.kid, issued_at=now, expires_at=now + lifetime
         )
 
-    async def _sign_remotely(
-        self, claims: Mapping[str, Any], header: Mapping[str, Any], key: SigningKey
-    ) -> str:
-        b64 = jwt.utils.base64url_encode
-        signing_input = (
-            b64(json.dumps(dict(header), separators=(",", ":")).encode())
-            + b"."
-            + b64(json.dumps(dict(claims), separators=(",", ":")).encode())
-        )
-        signature = await self._keyring.sign(key, signing_input)
-        return (signing_input + b"." + b64(signature)).decode()
+    def _header_segment(self, key: SigningKey, typ: str) -> bytes:
+        cache_key = (key.kid, key.alg, typ)
+        segment = self._header_segments.get(cache_key)
+        if segment is None:
+            header = {"alg": key.alg, "kid": key.kid, "typ": typ}
+            segment = _b64(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
+            if len(self._header_segments) > 64:  # rotated keys: keep the dict small
+                self._header_segments.clear()
+            self._header_segments[cache_key] = segment
+        return segment
+
+    def _algorithm(self, alg: str) -> Algorithm:
+        algorithm = self._algorithms.get(alg)
+        if algorithm is None:
+            algorithm = self._algorithms[alg] = jwt.get_algorithm_by_name(alg)
+        return algorithm
+
+    def _unverified_header(self, token: str) -> tuple[dict[str, Any], bool]:
+        """The token's header, and whether it came from the cache (whose entries were parsed,
+        with the whole token, by `jwt.get_unverified_header`). Raises `jwt.PyJWTError`."""
+        header = self._headers_seen.get(token.partition(".")[0])
+        if header is not None:
+            return header, True
+        return jwt.get_unverified_header(token), False
+
+    def _remember_header(self, token: str, header: dict[str, Any]) -> None:
+        """Cache a header that names a current broker key (after `verify`'s checks of it)."""
+        segment = token.partition(".")[0]
+        if len(segment) <= _MAX_HEADER_SEGMENT:
+            if len(self._headers_seen) >= _MAX_CACHED_HEADERS:
+                self._headers_seen.clear()  # crafted variants cannot crowd ours out for good
+            self._headers_seen[segment] = header
 
     def verify(
         self, token: str, *, audience: str | None = None, kind: TokenKind = "access"
@@ -156,7 +201,7 @@ class TokenService:
         given, the audience.
         """
         try:
-            header = jwt.get_unverified_header(token)
+            header, cached = self._unverified_header(token)
         except jwt.PyJWTError:
             raise InvalidToken("the token is malformed") from None
         alg, kid, typ = header.get("alg"), header.get("kid"), str(header.get("typ", "")).lower()
@@ -167,6 +212,8 @@ class TokenService:
         key = self._keyring.keyset.find(str(kid), self._clock()) if kid else None
         if key is None or key.alg != alg:
             raise InvalidToken("the token was not signed by a current broker key")
+        if not cached:
+            self._remember_header(token, header)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -185,6 +232,12 @@ class TokenService:
             )
         except jwt.InvalidAudienceError:
             raise InvalidToken("the token is not meant for this audience") from None
+        except jwt.DecodeError as error:
+            # A known header spared the first parse; the rest of the token is first parsed
+            # here, and what that parse refuses is what the first parse would have refused.
+            if cached and not isinstance(error, jwt.InvalidSignatureError):
+                raise InvalidToken("the token is malformed") from None
+            raise InvalidToken("the token is not valid", log_detail=type(error).__name__) from None
         except jwt.PyJWTError as error:
             raise InvalidToken("the token is not valid", log_detail=type(error).__name__) from None
         self._check_times(claims)

@@ -567,3 +567,61 @@ async def test_a_burst_larger_than_one_batch_keeps_one_ordered_chain(
     async with database.sessions() as session:
         rows = (await session.execute(select(AuditIndex.seq))).scalars().all()
     assert sorted(rows) == list(range(1, 601))
+
+
+async def test_lines_are_canonical_for_awkward_values(
+    log: AuditLog, audit_path: Path, database: Database
+) -> None:
+    """`append` builds each line from pre-serialised parts; it must be exactly the canonical
+    JSON of the record, whatever the values (non-ASCII, escapes, null actor, numeric keys)."""
+    awkward: list[dict[str, Any]] = [
+        # (no NUL: PostgreSQL JSONB refuses \u0000)
+        {"name": "Zoë \u2603 \U0001f600", "quote": 'a"b\\c', "ctl": "\x01\x1f\n\t"},
+        {"nested": {"b": [1, 2.5, None, True], "a": {"z": [], "y": {}}}, "big": 2**70},
+        {"by_number": {10: "ten", 9: "nine", 100: "hundred"}, "tuple": (1, "two")},
+        {"when": datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "neg": -0.0, "tiny": 1e-300},
+        {},
+    ]
+    records = [
+        await log.append("e\u00e9", outcome="success", actor=None if i % 2 else "ä", **fields)
+        for i, fields in enumerate(awkward)
+    ]
+    for record, line in zip(records, _lines(audit_path), strict=True):
+        obj = json.loads(line)
+        assert line == canonical_json(obj) + "\n"
+        body = {k: v for k, v in obj.items() if k != "hash"}
+        assert obj["hash"] == hashlib.sha256(canonical_json(body).encode()).hexdigest()
+        assert obj["hash"] == record.hash and obj["data"] == record.data
+        assert obj["ts"] == record.body()["ts"] and obj["actor"] == record.actor
+    assert records[2].data["by_number"] == {"10": "ten", "100": "hundred", "9": "nine"}
+    assert await _index(database) == {r.seq: r.hash for r in records}
+    report = await log.verify()
+    assert (report.ok, report.records) == (True, len(awkward)), report.problem
+
+
+async def test_an_edit_of_the_last_line_is_seen_by_the_next_append(
+    log: AuditLog, audit_path: Path
+) -> None:
+    """The writer skips re-reading the file's last line only when the file still ends with
+    the exact bytes it wrote; after an edit it chains onto what the file holds, as before."""
+    await _fill(log, 2)
+    lines = _lines(audit_path)
+    edited = _rehash({**json.loads(lines[1]), "outcome": "failure"})
+    lines[1] = canonical_json(edited) + "\n"
+    _write(audit_path, lines)
+    record = await log.append("after", outcome="success")
+    assert (record.seq, record.prev) == (3, edited["hash"])
+    report = await log.verify()
+    assert (report.ok, report.first_bad_seq) == (False, 2)
+
+
+async def test_a_record_of_the_wrong_shape_fails_alone(log: AuditLog, audit_path: Path) -> None:
+    """A non-string actor is refused before it is queued, so the records batched with it
+    are still written."""
+    bad = log.append("x", outcome="success", actor=42)  # type: ignore[arg-type]
+    good = log.append("y", outcome="success", actor="a")
+    results = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(results[0], ValueError)
+    assert isinstance(results[1], AuditRecord) and results[1].seq == 1
+    assert [json.loads(line)["event"] for line in _lines(audit_path)] == ["y"]
+    assert (await log.verify()).ok

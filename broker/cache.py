@@ -12,13 +12,13 @@ import heapq
 import math
 import time
 from collections.abc import Iterator
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 from urllib.parse import urlsplit
 
-import redis.asyncio as redis_asyncio
-from redis.exceptions import RedisError
-
 from broker.errors import UpstreamFailed
+
+if TYPE_CHECKING:
+    import redis.asyncio as redis_asyncio
 
 
 class Cache(Protocol):
@@ -165,6 +165,11 @@ class RedisCache:
     """
 
     def __init__(self, url: str, *, namespace: str = "broker:", timeout: float = 5.0) -> None:
+        # Imported here: a broker on the memory cache never loads redis-py (~6 MB).
+        import redis.asyncio as redis_asyncio
+        from redis.exceptions import RedisError
+
+        self._errors: tuple[type[Exception], ...] = (RedisError, OSError)
         self.namespace = namespace
         self._password = urlsplit(url).password
         # Options in the URL's query string take precedence over these defaults.
@@ -179,7 +184,7 @@ class RedisCache:
     def _translated(self, operation: str) -> Iterator[None]:
         try:
             yield
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             detail = f"redis {operation}: {type(exc).__name__}: {exc}"
             if self._password:
                 detail = detail.replace(self._password, "***")

@@ -13,19 +13,15 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
 
 from adapters.base import Backend, Lifecycle, TokenSigner, Upstream
-from adapters.downstream.aws import AwsBackend, AwsRole
-from adapters.downstream.openstack import OpenStackBackend
 from adapters.downstream.secrets import VaultSecretBackend
 from adapters.errors import ConfigurationError, Conflict
 from adapters.upstream.dev import DevUpstream
-from adapters.upstream.oidc import OidcUpstream
-from adapters.upstream.saml import SamlUpstream
-from adapters.upstream.saml_metadata import AggregateSource, FileSource, MdqSource, MetadataStore
 from adapters.vault import AppRoleAuth, TokenAuth, VaultClient
 from broker.audit import AuditLog
 from broker.cache import Cache, cache_from_url
@@ -55,6 +51,9 @@ from broker.signer import KeyRingSigner
 from broker.storage import Database
 from broker.tokens import TokenService
 from policies.engine import PolicyEngine, PolicyError, Resource
+
+if TYPE_CHECKING:
+    from adapters.upstream.saml_metadata import AggregateSource, FileSource, MdqSource
 
 log = structlog.get_logger(__name__)
 
@@ -154,6 +153,8 @@ async def _read_pem(path: Path, what: str) -> str:
 async def _metadata_source(
     config: MetadataSourceConfig,
 ) -> FileSource | AggregateSource | MdqSource:
+    from adapters.upstream.saml_metadata import AggregateSource, FileSource, MdqSource
+
     if isinstance(config, MetadataFileConfig):
         return FileSource(config.file)
     cert = await _read_pem(config.signing_cert, "metadata signing certificate")
@@ -165,10 +166,13 @@ async def _metadata_source(
 
 
 async def build_upstream(config: UpstreamConfig, ctx: UpstreamContext) -> Upstream:
-    """One adapter from its settings; secrets and files are read here, once."""
+    """One adapter from its settings; secrets and files are read here, once. Adapter
+    modules are imported only when configured: pysaml2, lxml and authlib are heavy."""
     if isinstance(config, DevUpstreamConfig):
         return DevUpstream(config.id, config.display_name, config.groups, dev_mode=ctx.dev_mode)
     if isinstance(config, OidcUpstreamConfig):
+        from adapters.upstream.oidc import OidcUpstream
+
         secret = config.client_secret
         return OidcUpstream(
             id=config.id, display_name=config.display_name, issuer=config.issuer,
@@ -180,6 +184,9 @@ async def build_upstream(config: UpstreamConfig, ctx: UpstreamContext) -> Upstre
             keep_refresh_token=config.keep_refresh_token, clock_skew=config.clock_skew,
             http=ctx.http, cache=ctx.cache, vault=ctx.vault, vault_prefix=ctx.vault_prefix,
         )  # fmt: skip
+    from adapters.upstream.saml import SamlUpstream
+    from adapters.upstream.saml_metadata import MetadataStore
+
     base = f"{ctx.public_url}/login/{config.id}"
     store = MetadataStore(
         [await _metadata_source(source) for source in config.metadata],
@@ -237,19 +244,24 @@ class BackendContext:
 
 
 async def build_backend(config: BackendConfig, ctx: BackendContext) -> Backend:
-    """One downstream adapter from its settings; secrets are read here, once."""
+    """One downstream adapter from its settings; secrets are read here, once. Adapter
+    modules are imported only when configured (aioboto3 alone is ~45 MB)."""
     if isinstance(config, VaultSecretBackendConfig):
         return VaultSecretBackend(
             config.id, vault=ctx.vault, prefix=ctx.vault_prefix, name=config.name,
             max_ttl=config.max_ttl,
         )  # fmt: skip
     if isinstance(config, AwsBackendConfig):
+        from adapters.downstream.aws import AwsBackend, AwsRole
+
         return AwsBackend(
             id=config.id, signer=ctx.signer, audience=config.audience, region=config.region,
             sts_endpoint=config.sts_endpoint.rstrip("/") if config.sts_endpoint else None,
             roles=[AwsRole(r.name, r.arn, r.max_duration, r.session_policy) for r in config.roles],
             default_role=config.default_role, session_tags=config.session_tags,
         )  # fmt: skip
+    from adapters.downstream.openstack import OpenStackBackend
+
     return OpenStackBackend(
         id=config.id, auth_url=config.auth_url, region=config.region,
         interface=config.interface, service_user=config.service_user,

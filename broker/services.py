@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import structlog
@@ -51,6 +51,9 @@ from broker.signer import KeyRingSigner
 from broker.storage import Database
 from broker.tokens import TokenService
 from policies.engine import PolicyEngine, PolicyError, Resource
+
+ConfigT = TypeVar("ConfigT")
+AdapterT = TypeVar("AdapterT", Upstream, Backend)
 
 if TYPE_CHECKING:
     from adapters.upstream.saml_metadata import AggregateSource, FileSource, MdqSource
@@ -132,7 +135,7 @@ async def resolve_secret(value: SecretValue, vault: VaultClient | None = None) -
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamContext:
+class AdapterContext:
     """What adapters get from the broker: never the settings themselves."""
 
     public_url: str
@@ -141,6 +144,7 @@ class UpstreamContext:
     cache: Cache
     vault: VaultClient
     vault_prefix: str
+    signer: TokenSigner
 
 
 async def _read_pem(path: Path, what: str) -> str:
@@ -165,7 +169,7 @@ async def _metadata_source(
     return MdqSource(config.mdq, cert, cache_ttl=config.cache_ttl)
 
 
-async def build_upstream(config: UpstreamConfig, ctx: UpstreamContext) -> Upstream:
+async def build_upstream(config: UpstreamConfig, ctx: AdapterContext) -> Upstream:
     """One adapter from its settings; secrets and files are read here, once. Adapter
     modules are imported only when configured: pysaml2, lxml and authlib are heavy."""
     if isinstance(config, DevUpstreamConfig):
@@ -205,25 +209,27 @@ async def build_upstream(config: UpstreamConfig, ctx: UpstreamContext) -> Upstre
     )  # fmt: skip
 
 
-async def start_upstreams(
-    configs: Sequence[UpstreamConfig], ctx: UpstreamContext
-) -> dict[str, Upstream]:
-    """Build every upstream and start those with background work; on failure, close what
-    was started and raise."""
-    upstreams: dict[str, Upstream] = {}
+async def start_all(
+    configs: Sequence[ConfigT],
+    build: Callable[[ConfigT, AdapterContext], Awaitable[AdapterT]],
+    ctx: AdapterContext,
+) -> dict[str, AdapterT]:
+    """Build every adapter of one family and start those with background work; on failure,
+    close what was started and raise."""
+    adapters: dict[str, AdapterT] = {}
     try:
         for config in configs:
-            upstream = await build_upstream(config, ctx)
-            upstreams[upstream.id] = upstream
-            if isinstance(upstream, Lifecycle):
-                await upstream.start()
+            adapter = await build(config, ctx)
+            adapters[adapter.id] = adapter
+            if isinstance(adapter, Lifecycle):
+                await adapter.start()
     except BaseException:
-        await close_all(upstreams)
+        await close_all(adapters)
         raise
-    return upstreams
+    return adapters
 
 
-async def close_all(adapters: Mapping[str, Upstream | Backend]) -> None:
+async def close_all(adapters: Mapping[str, Upstream] | Mapping[str, Backend]) -> None:
     """Close every adapter with background work; one failure does not keep others open."""
     for name, adapter in adapters.items():
         if isinstance(adapter, Lifecycle):
@@ -233,17 +239,7 @@ async def close_all(adapters: Mapping[str, Upstream | Backend]) -> None:
                 log.exception("adapter.close_failed", adapter=name)
 
 
-@dataclass(frozen=True, slots=True)
-class BackendContext:
-    """What downstream adapters get from the broker."""
-
-    http: aiohttp.ClientSession
-    vault: VaultClient
-    vault_prefix: str
-    signer: TokenSigner
-
-
-async def build_backend(config: BackendConfig, ctx: BackendContext) -> Backend:
+async def build_backend(config: BackendConfig, ctx: AdapterContext) -> Backend:
     """One downstream adapter from its settings; secrets are read here, once. Adapter
     modules are imported only when configured (aioboto3 alone is ~45 MB)."""
     if isinstance(config, VaultSecretBackendConfig):
@@ -274,24 +270,6 @@ async def build_backend(config: BackendConfig, ctx: BackendContext) -> Backend:
         signer=ctx.signer, identity_provider=config.identity_provider,
         protocol=config.federation_protocol, audience=config.audience,
     )  # fmt: skip
-
-
-async def start_backends(
-    configs: Sequence[BackendConfig], ctx: BackendContext
-) -> dict[str, Backend]:
-    """Build every backend and start those with background work; on failure, close what
-    was started and raise."""
-    backends: dict[str, Backend] = {}
-    try:
-        for config in configs:
-            backend = await build_backend(config, ctx)
-            backends[config.id] = backend
-            if isinstance(backend, Lifecycle):
-                await backend.start()
-    except BaseException:
-        await close_all(backends)
-        raise
-    return backends
 
 
 async def _session_key(vault: VaultClient, prefix: str) -> bytes:
@@ -412,24 +390,17 @@ async def start_services(
         sessions=sessions,
         metrics=metrics,
         oauth=oauth,
-        signer=KeyRingSigner(keyring, issuer=settings.server.public_url),
+        signer=KeyRingSigner(keyring, tokens, issuer=settings.server.public_url),
     )
+    context = AdapterContext(
+        public_url=settings.server.public_url, dev_mode=dev_mode, http=http, cache=cache,
+        vault=vault, vault_prefix=v.prefix, signer=services.signer,
+    )  # fmt: skip
     try:
-        services.backends = await start_backends(
-            settings.backends,
-            BackendContext(http=http, vault=vault, vault_prefix=v.prefix, signer=services.signer),
-        )
+        services.backends = await start_all(settings.backends, build_backend, context)
+        if with_upstreams:
+            services.upstreams = await start_all(settings.upstreams, build_upstream, context)
     except BaseException:
         await services.close()
         raise
-    if with_upstreams:
-        context = UpstreamContext(
-            public_url=settings.server.public_url, dev_mode=dev_mode, http=http,
-            cache=cache, vault=vault, vault_prefix=v.prefix,
-        )  # fmt: skip
-        try:
-            services.upstreams = await start_upstreams(settings.upstreams, context)
-        except BaseException:
-            await services.close()
-            raise
     return services

@@ -8,32 +8,31 @@ tokens: `typ` is plain "JWT" and they hold no `scope` or `client_id`.
 
 from __future__ import annotations
 
-import base64
-import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jwt
-
 from broker.errors import InvalidRequest
 from broker.keyring import KeyRing
+from broker.tokens import TokenService
 
 _REGISTERED = frozenset({"iss", "aud", "iat", "nbf", "exp", "jti"})
-
-
-def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 class KeyRingSigner:
     """`adapters.base.TokenSigner` over the broker's key ring."""
 
     def __init__(
-        self, keyring: KeyRing, *, issuer: str, clock: Callable[[], float] = time.time
+        self,
+        keyring: KeyRing,
+        tokens: TokenService,
+        *,
+        issuer: str,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._keyring = keyring
+        self._tokens = tokens
         self._issuer = issuer
         self._clock = clock
 
@@ -61,14 +60,4 @@ class KeyRingSigner:
             "exp": now + ttl,
             "jti": secrets.token_urlsafe(18),
         }
-        header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
-        signing_input = (
-            _b64(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
-            + b"."
-            + _b64(json.dumps(body, separators=(",", ":")).encode())
-        )
-        if key.private_key is not None:
-            signature = jwt.get_algorithm_by_name(key.alg).sign(signing_input, key.private_key)
-        else:
-            signature = await self._keyring.sign(key, signing_input)
-        return (signing_input + b"." + _b64(signature)).decode()
+        return await self._tokens.sign_jws(key, "JWT", body)

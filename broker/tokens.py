@@ -142,8 +142,18 @@ class TokenService:
         # for every token of one key and type, so it is serialised once (the bytes `jwt.encode`
         # would produce: sorted keys, compact), and the signature comes from PyJWT's algorithm
         # object, locally or from Vault transit alike.
+        token = await self.sign_jws(key, _TYP[kind], claims)
+        if self._on_mint is not None:
+            self._on_mint(kind)
+        return MintedToken(
+            token=token, jti=jti, kid=key.kid, issued_at=now, expires_at=now + lifetime
+        )
+
+    async def sign_jws(self, key: SigningKey, typ: str, claims: Mapping[str, Any]) -> str:
+        """A compact JWS of `claims` with `key` (locally or through Vault transit), its header
+        `{alg, kid, typ}` serialised once per key and type."""
         signing_input = (
-            self._header_segment(key, _TYP[kind])
+            self._header_segment(key, typ)
             + b"."
             + _b64(json.dumps(claims, separators=(",", ":")).encode())
         )
@@ -151,12 +161,7 @@ class TokenService:
             signature = self._algorithm(key.alg).sign(signing_input, key.private_key)
         else:
             signature = await self._keyring.sign(key, signing_input)
-        token = (signing_input + b"." + _b64(signature)).decode()
-        if self._on_mint is not None:
-            self._on_mint(kind)
-        return MintedToken(
-            token=token, jti=jti, kid=key.kid, issued_at=now, expires_at=now + lifetime
-        )
+        return (signing_input + b"." + _b64(signature)).decode()
 
     def _header_segment(self, key: SigningKey, typ: str) -> bytes:
         cache_key = (key.kid, key.alg, typ)

@@ -91,7 +91,7 @@ class AwsWorld:
     def backend(self, **overrides: Any) -> AwsBackend:
         args: dict[str, Any] = {
             "id": "aws",
-            "signer": KeyRingSigner(self.svc.keyring, issuer=self.issuer),
+            "signer": KeyRingSigner(self.svc.keyring, self.svc.tokens, issuer=self.issuer),
             "audience": AUDIENCE,
             "region": "us-east-1",
             "sts_endpoint": self.proxy.url,
@@ -304,7 +304,9 @@ async def test_verifier_rejects_a_token_from_another_key(world: AwsWorld) -> Non
             return jwt.encode(body, foreign, algorithm=key.alg, headers={"kid": key.kid})
 
     world.proxy.clear()
-    backend = world.backend(signer=ForeignSigner(world.svc.keyring, issuer=world.issuer))
+    backend = world.backend(
+        signer=ForeignSigner(world.svc.keyring, world.svc.tokens, issuer=world.issuer)
+    )
     try:
         with pytest.raises(UpstreamFailed) as caught:
             await backend.issue(grant())
@@ -388,7 +390,7 @@ def aws_backend_settings(world: AwsWorld, tmp_path: Path, public_url: str, **ext
 async def test_doctor_passes_for_a_reachable_broker(world: AwsWorld, tmp_path: Path) -> None:
     settings = aws_backend_settings(world, tmp_path, world.issuer)
     lines: list[str] = []
-    signer = KeyRingSigner(world.svc.keyring, issuer=world.issuer)
+    signer = KeyRingSigner(world.svc.keyring, world.svc.tokens, issuer=world.issuer)
     code = await doctor_aws(settings, "aws", signer=signer, out=lines.append)
     report = "\n".join(lines)
     assert code == 0, report

@@ -134,6 +134,10 @@ class LoginFlow:
     next_url: str
     login_hint: str | None = None
     idp_hint: str | None = None
+    # The user must authenticate anew at the upstream, not ride an existing IdP session
+    # (`prompt=login` or an exceeded `max_age` at /oauth/authorize): SAML ForceAuthn, OIDC
+    # prompt=login.
+    force_authn: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,7 @@ class SessionStore:
             "next_url": flow.next_url,
             "login_hint": flow.login_hint,
             "idp_hint": flow.idp_hint,
+            "force_authn": flow.force_authn,
         }
         await self._cache.set(f"flow:{flow.id}", json.dumps(record), FLOW_TTL)
         return self._sign(flow.id)

@@ -354,6 +354,8 @@ class OidcUpstream:
         extra: dict[str, str] = dict(self._auth_params)
         if flow.login_hint:
             extra["login_hint"] = flow.login_hint
+        if flow.force_authn:
+            extra["prompt"] = "login"
         if flow.idp_hint and self._idp_hint_param:
             extra[self._idp_hint_param] = flow.idp_hint
         url = prepare_grant_uri(

@@ -592,6 +592,8 @@ class SamlUpstream:
             from saml2 import saml, samlp
 
             extra: dict[str, Any] = {"name_id_policy": samlp.NameIDPolicy(allow_create="true")}
+            if flow.force_authn:
+                extra["force_authn"] = "true"
             if self._requested:
                 extra["requested_authn_context"] = samlp.RequestedAuthnContext(
                     authn_context_class_ref=[

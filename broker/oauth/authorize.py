@@ -316,14 +316,29 @@ def origin_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-async def pending_redirect_origin(svc: Services, next_url: str) -> str:
-    """The client's redirect origin if `next_url` resumes an authorization request, else ""."""
+async def _pending(svc: Services, next_url: str) -> AuthorizationRequest | None:
+    """The authorization request `next_url` resumes, if it does and it is still pending."""
     parts = urlsplit(next_url)
     if parts.path != "/oauth/authorize/resume":
-        return ""
+        return None
     request_id = dict(parse_qsl(parts.query)).get("req", "")
     raw = await svc.cache.get(f"authz-req:{request_id}") if request_id else None
-    return origin_of(json.loads(raw)["redirect_uri"]) if raw else ""
+    return AuthorizationRequest(**json.loads(raw)) if raw else None
+
+
+async def pending_redirect_origin(svc: Services, next_url: str) -> str:
+    """The client's redirect origin if `next_url` resumes an authorization request, else ""."""
+    req = await _pending(svc, next_url)
+    return origin_of(req.redirect_uri) if req else ""
+
+
+async def pending_needs_fresh_login(svc: Services, next_url: str) -> bool:
+    """Whether the authorization request `next_url` resumes wants the user to authenticate
+    anew (`prompt=login`, or a `max_age` an IdP's own session might exceed): the upstream is
+    then asked to re-authenticate too (SAML ForceAuthn, OIDC prompt=login) instead of
+    letting its single sign-on session answer. Read server-side, so a user cannot drop it."""
+    req = await _pending(svc, next_url)
+    return req is not None and ("login" in req.prompt or req.max_age is not None)
 
 
 async def _issue_code(

@@ -275,6 +275,9 @@ async def _begin(
     next_url: str,
     entity: str | None = None,
 ) -> web.StreamResponse:
+    # Imported here: broker.oauth.authorize imports this module.
+    from broker.oauth.authorize import pending_needs_fresh_login, pending_redirect_origin
+
     flow = LoginFlow(
         id=secrets.token_urlsafe(24),
         upstream=upstream.id,
@@ -282,6 +285,7 @@ async def _begin(
         next_url=next_url,
         login_hint=request.query.get("login_hint"),
         idp_hint=entity or None,
+        force_authn=await pending_needs_fresh_login(svc, next_url),
     )
     step = await upstream.begin(flow)
     cookie = await svc.sessions.start_flow(flow)
@@ -307,9 +311,6 @@ async def _begin(
             form_action=f"{target.scheme}://{target.netloc}",
         )
     else:
-        # Imported here: broker.oauth.authorize imports this module.
-        from broker.oauth.authorize import pending_redirect_origin
-
         response = render(
             request,
             f"Sign in: {upstream.display_name}",

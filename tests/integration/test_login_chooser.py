@@ -210,3 +210,31 @@ async def test_an_entity_id_hint_on_authorize_skips_the_chooser(
     login = await client.get(authorize.headers["Location"], headers=HTML)
     assert login.status == 302
     assert login.headers["Location"].startswith(f"{entity}/sso?")
+
+
+async def test_prompt_login_and_max_age_force_authentication_at_the_idp(
+    scene: tuple[ContractClient, list[tuple[str, str]]],
+) -> None:
+    """A fresh sign-in demanded at the broker is demanded of the IdP too (ForceAuthn), so the
+    IdP's own single sign-on session cannot answer for it; otherwise it is not."""
+    client, idps = scene
+    entity, _ = idps[7]
+    base = {
+        "response_type": "code", "client_id": "hub", "redirect_uri": HUB, "scope": "openid",
+        "state": "s2", "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        "code_challenge_method": "S256", "idp": entity,
+    }  # fmt: skip
+    requests: dict[str, bytes] = {}
+    for name, extra in [
+        ("plain", {}),
+        ("login", {"prompt": "login"}),
+        ("max_age", {"max_age": "60"}),
+    ]:
+        authorize = await client.get(f"/oauth/authorize?{urlencode(base | extra)}", headers=HTML)
+        assert authorize.status == 302, authorize.text
+        login = await client.get(authorize.headers["Location"], headers=HTML)
+        assert login.status == 302 and login.headers["Location"].startswith(f"{entity}/sso?")
+        requests[name] = authn_request_of(login.headers["Location"])
+    assert b'ForceAuthn="true"' in requests["login"]
+    assert b'ForceAuthn="true"' in requests["max_age"]
+    assert b"ForceAuthn" not in requests["plain"]

@@ -273,6 +273,25 @@ async def test_idp_hint_and_login_hint_pass_through(broker: Services) -> None:
     assert query["code_challenge_method"] == ["S256"] and "code_verifier" not in query
     assert query["redirect_uri"] == [callback("op-a")] and query["client_id"] == ["broker-a"]
     assert len(query["nonce"][0]) >= 32 and query["state"][0]
+    assert "prompt" not in query  # nothing asked for a fresh sign-in
+
+
+async def test_prompt_login_at_the_broker_is_prompt_login_at_the_op(broker: Services) -> None:
+    _verifier, challenge = pkce()
+    params = {
+        "response_type": "code", "client_id": "hub", "redirect_uri": HUB, "scope": "openid",
+        "state": "st-p", "code_challenge": challenge, "code_challenge_method": "S256",
+        "idp": "op-a", "prompt": "login",
+    }  # fmt: skip
+    async with TestClient(TestServer(app_with_services(broker))) as raw:
+        client = ContractClient(raw)
+        authorize = await client.get(
+            "/oauth/authorize", params=params, headers={"Accept": "text/html"}
+        )
+        assert authorize.status == 302, authorize.text
+        start = await client.get(authorize.headers["Location"], headers={"Accept": "text/html"})
+    assert start.status == 302, start.text
+    assert parse_qs(urlsplit(start.headers["Location"]).query)["prompt"] == ["login"]
 
 
 async def test_upstream_refresh_keeps_the_token_in_vault_only(

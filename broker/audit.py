@@ -26,13 +26,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from broker.errors import ServerError, UpstreamFailed
@@ -49,6 +49,9 @@ _READ_CHUNK = 1 << 16
 _BATCH = 256  # records per fsync and SQL transaction
 # event, outcome, actor, data, and data as canonical JSON
 _Entry = tuple[str, str, str | None, dict[str, Any], str]
+# SQL rows that belong with one record (e.g. the lease of an issued credential): written in
+# the same transaction as the record's index row, so one group commit covers both.
+_Rows = Sequence[tuple[Table, Mapping[str, Any]]]
 _INSERT_BATCH = 500
 # Built once: SQLAlchemy memoises a statement's cache key on the object, so reusing it skips
 # constructing the statement and walking it for the compiled-statement cache on every batch.
@@ -283,11 +286,18 @@ class AuditLog:
         self._chain_json = _dumps_str(chain)
         # Group commit: appends queue here and one writer task writes them in batches, with
         # one fsync and one SQL transaction per batch instead of one per record.
-        self._queue: list[tuple[_Entry, asyncio.Future[AuditRecord]]] = []
+        self._queue: list[tuple[_Entry, asyncio.Future[AuditRecord], _Rows]] = []
         self._writer: asyncio.Task[None] | None = None
         # The last line this instance wrote (bytes, with its newline), the file's size right
         # after, and that line's record: see `_write`.
         self._tail: tuple[bytes, int, AuditRecord] | None = None
+
+    async def append_with_rows(
+        self, rows: _Rows, event: str, *, outcome: str, actor: str | None = None, **fields: Any
+    ) -> AuditRecord:
+        """`append`, and insert `rows` in the same SQL transaction as the record's index row
+        (all or none of them): e.g. the lease of the credential the record says was issued."""
+        return await self._append(event, outcome, actor, fields, rows)
 
     async def append(
         self, event: str, *, outcome: str, actor: str | None = None, **fields: Any
@@ -299,6 +309,16 @@ class AuditLog:
         already holds this seq (both need an operator: run `verify`); `UpstreamFailed` if the
         index insert fails, in which case the record is already in the file (see module doc).
         """
+        return await self._append(event, outcome, actor, fields, ())
+
+    async def _append(
+        self,
+        event: str,
+        outcome: str,
+        actor: str | None,
+        fields: dict[str, Any],
+        rows: _Rows,
+    ) -> AuditRecord:
         if not isinstance(event, str) or not isinstance(outcome, str):
             raise ValueError("event and outcome must be strings")
         if not (actor is None or isinstance(actor, str)):
@@ -317,7 +337,7 @@ class AuditLog:
         # Queued before the first await: from here on the record is written even if the caller
         # is cancelled (a client hanging up), because the writer task, not the caller, owns it;
         # a cancelled caller only stops waiting for the result. `flush` waits for the writer.
-        self._queue.append(((event, outcome, actor, data, data_json), done))
+        self._queue.append(((event, outcome, actor, data, data_json), done, rows))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain(), name="audit-writer")
         return await done
@@ -333,14 +353,14 @@ class AuditLog:
         while self._queue:
             batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
             try:
-                records = await asyncio.to_thread(self._write, [entry for entry, _ in batch])
-                await self._index(records)
+                records = await asyncio.to_thread(self._write, [entry for entry, _, _ in batch])
+                await self._index(records, [row for _, _, rows in batch for row in rows])
             except Exception as exc:  # every caller of the batch learns what failed
-                for _, done in batch:
+                for _, done, _ in batch:
                     if not done.done():
                         done.set_exception(exc)
                 continue
-            for record, (_, done) in zip(records, batch, strict=True):
+            for record, (_, done, _) in zip(records, batch, strict=True):
                 if not done.done():
                     done.set_result(record)
 
@@ -450,7 +470,7 @@ class AuditLog:
             )
         return record
 
-    async def _index(self, records: list[AuditRecord]) -> None:
+    async def _index(self, records: list[AuditRecord], extra: _Rows = ()) -> None:
         first, last = records[0], records[-1]
         where = (
             f"audit records {first.chain}/{first.seq}-{last.seq} are in {self.path} but not indexed"
@@ -459,6 +479,11 @@ class AuditLog:
             rows = [_index_row(record) for record in records]
             async with self.db.engine.begin() as conn:  # Core executemany: no ORM overhead
                 await conn.execute(_INSERT, rows)
+                by_table: dict[Table, list[Mapping[str, Any]]] = {}
+                for table, row in extra:
+                    by_table.setdefault(table, []).append(row)
+                for table, table_rows in by_table.items():
+                    await conn.execute(insert(table), table_rows)
         except IntegrityError as exc:
             raise ServerError(
                 "the audit log cannot be written",

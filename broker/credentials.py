@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select, update
+from sqlalchemy import Table, select, update
 
 from adapters.base import Credential, Grant, Principal, Revocable
 from broker.errors import AccessDenied, BrokerError, InvalidTarget, NotFound, ServerError
@@ -30,6 +30,7 @@ from policies.engine import Resource
 log = structlog.get_logger(__name__)
 
 MAX_DURATION = 7 * 86400
+LEASES: Table = LeaseRecord.__table__  # type: ignore[assignment]
 # Request field → (Cedar context key, Limits field)
 _RESOURCES = {"cpu": "cpu", "memory": "memory_gb", "disk": "disk_gb", "gpu": "gpu"}
 _LIMIT_OF = {"cpu": "cpu", "memory": "memory", "disk": "disk", "gpu": "gpu"}
@@ -161,18 +162,18 @@ async def issue_credential(
             "The backend issued a credential longer than the policy allows; it was refused.",
             log_detail=f"backend {request.backend} expires_at beyond max_ttl {max_ttl}",
         )
-    async with svc.db.sessions() as session, session.begin():
-        session.add(
-            LeaseRecord(
-                lease_id=credential.lease_id, principal_id=principal.id, client_id=client_id,
-                backend=request.backend, kind=credential.kind, created_at=issued_at,
-                expires_at=credential.expires_at, revoked_at=None, cleaned_up=False,
-                handle=dict(credential.handle), details=dict(credential.details),
-            )
-        )  # fmt: skip
-    await svc.audit.append(
-        "credential.issued", outcome="success", actor=principal.id, lease=credential.lease_id,
-        kind=credential.kind, expires_at=_iso(credential.expires_at), ttl=ttl, **audit,
+    lease = {
+        "lease_id": credential.lease_id, "principal_id": principal.id, "client_id": client_id,
+        "backend": request.backend, "kind": credential.kind, "created_at": issued_at,
+        "expires_at": credential.expires_at, "revoked_at": None, "cleaned_up": False,
+        "handle": dict(credential.handle), "details": dict(credential.details),
+    }  # fmt: skip
+    # The lease row goes into the audit record's own group commit: one SQL transaction for
+    # both, shared with whatever else is being audited at the time.
+    await svc.audit.append_with_rows(
+        [(LEASES, lease)], "credential.issued", outcome="success", actor=principal.id,
+        lease=credential.lease_id, kind=credential.kind, expires_at=_iso(credential.expires_at),
+        ttl=ttl, **audit,
     )  # fmt: skip
     return IssuedCredential(
         credential=credential,

@@ -19,7 +19,7 @@ from sqlalchemy import delete, select
 
 from broker.audit import GENESIS_HASH, AuditLog, AuditRecord, canonical_json
 from broker.errors import ServerError, UpstreamFailed
-from broker.storage import AuditIndex, Database
+from broker.storage import AuditIndex, Database, LeaseRecord
 
 REPO = Path(__file__).resolve().parents[2]
 JWT = (
@@ -120,6 +120,37 @@ async def test_index_rows_hold_the_record_fields(log: AuditLog, database: Databa
     assert row.prev_hash == GENESIS_HASH
     assert row.data == {"expires_at": "2025-01-02T03:04:05.000000Z", "grant_id": "g-1"}
     assert record.data == row.data
+
+
+async def test_rows_appended_with_a_record_share_its_group_commit(
+    log: AuditLog, database: Database
+) -> None:
+    """Concurrent appends with rows: every row is in SQL once its append returns, next to the
+    record's index row; a batch whose extra row cannot be inserted indexes none of it."""
+    now = datetime.now(UTC)
+
+    def lease(lease_id: str) -> dict[str, Any]:
+        return {
+            "lease_id": lease_id, "principal_id": "u-1", "client_id": "c", "backend": "aws",
+            "kind": "aws", "created_at": now, "expires_at": now, "revoked_at": None,
+            "cleaned_up": False, "handle": {}, "details": {},
+        }  # fmt: skip
+
+    leases = LeaseRecord.__table__
+    records = await asyncio.gather(*(
+        log.append_with_rows([(leases, lease(f"l-{i}"))], "credential.issued",
+                             outcome="success", lease=f"l-{i}")
+        for i in range(5)
+    ))  # fmt: skip
+    async with database.sessions() as session:
+        ids = set((await session.execute(select(LeaseRecord.lease_id))).scalars())
+    assert ids == {f"l-{i}" for i in range(5)}
+    assert await _index(database) == {r.seq: r.hash for r in records}
+    with pytest.raises(ServerError):  # a duplicate lease id: the whole transaction fails
+        await log.append_with_rows(
+            [(leases, lease("l-0"))], "credential.issued", outcome="success", lease="l-0"
+        )
+    assert await log.count_indexed() == 5  # its own index row was not committed either
 
 
 async def test_an_empty_log_verifies(log: AuditLog) -> None:

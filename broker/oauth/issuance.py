@@ -8,6 +8,7 @@ grant, the client, the principal, the jti and the deciding policies.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,20 +64,36 @@ def profile_claims(principal: Principal, scopes: Sequence[str]) -> dict[str, Any
     return claims
 
 
+PROFILE_TTL = 300  # seconds a profile is served from the shared cache
+
+
+def _profile_key(principal_id: str) -> str:
+    return f"principal:{principal_id}"
+
+
 async def remember_principal(svc: Services, principal: Principal) -> None:
-    """Keep the latest profile for userinfo and refreshes (never any upstream token)."""
+    """Keep the latest profile for userinfo and refreshes (never any upstream token): in SQL,
+    and written through to the shared cache that `load_principal` reads first."""
+    document = principal.to_json()
     async with svc.db.sessions() as session, session.begin():
         await session.merge(
-            PrincipalRecord(
-                id=principal.id, document=principal.to_json(), updated_at=datetime.now(UTC)
-            )
+            PrincipalRecord(id=principal.id, document=document, updated_at=datetime.now(UTC))
         )
+    await svc.cache.set(_profile_key(principal.id), json.dumps(document), PROFILE_TTL)
 
 
 async def load_principal(svc: Services, principal_id: str) -> Principal | None:
+    """The latest profile: from the shared cache (every update writes through to it, so
+    replicas sharing Redis agree), else from SQL. Every request with a user's token asks."""
+    cached = await svc.cache.get(_profile_key(principal_id))
+    if cached is not None:
+        return Principal.from_json(json.loads(cached))
     async with svc.db.reads() as session:
         record = await session.get(PrincipalRecord, principal_id)
-    return Principal.from_json(record.document) if record else None
+    if record is None:
+        return None
+    await svc.cache.set(_profile_key(principal_id), json.dumps(record.document), PROFILE_TTL)
+    return Principal.from_json(record.document)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,10 @@ class SessionStore:
         await self._cache.set(f"flow:{flow.id}", json.dumps(record), FLOW_TTL)
         return self._sign(flow.id)
 
+    async def flow_exists(self, flow_id: str) -> bool:
+        """Whether a sign-in flow with this id is in progress (in any browser)."""
+        return bool(flow_id) and await self._cache.get(f"flow:{flow_id}") is not None
+
     async def peek_flow(self, flow_id: str, cookie: str | None) -> LoginFlow | None:
         """The flow, if it exists and belongs to the browser holding `cookie`."""
         if self._unsign(cookie) != flow_id:

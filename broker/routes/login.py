@@ -355,6 +355,14 @@ async def _params(request: web.Request) -> dict[str, str]:
     return {key: " ".join(values) for key, values in merged.items()}
 
 
+def _flow_id(params: Mapping[str, str]) -> str:
+    """The flow a callback answers: `flow` (the broker's own forms), else the OIDC `state` or
+    the SAML `RelayState`, which adapters set to the flow id."""
+    return params.get("flow") or next(
+        (params[k] for k in ("state", "RelayState") if params.get(k)), ""
+    )
+
+
 async def _callback_params(
     request: web.Request, svc: Services, upstream: Upstream
 ) -> dict[str, str] | web.StreamResponse:
@@ -365,8 +373,11 @@ async def _callback_params(
     which carries the cookie; the flow binding is then checked as for any other callback.
     """
     if request.method == "POST" and FLOW_COOKIE not in request.cookies:
+        params = await _params(request)
+        if not await svc.sessions.flow_exists(_flow_id(params)):
+            return params  # nothing to resume: the binding check refuses it, and it is audited
         key = secrets.token_urlsafe(24)
-        await svc.cache.set(f"handoff:{key}", json.dumps(await _params(request)), HANDOFF_TTL)
+        await svc.cache.set(f"handoff:{key}", json.dumps(params), HANDOFF_TTL)
         location = f"/login/{upstream.id}/callback?{urlencode({'handoff': key})}"
         return web.Response(status=303, headers={"Location": location})
     if request.method == "GET" and "handoff" in request.query:
@@ -390,9 +401,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     params = await _callback_params(request, svc, upstream)
     if isinstance(params, web.StreamResponse):
         return params
-    flow_id = params.pop("flow", "") or next(
-        (params[k] for k in ("state", "RelayState") if params.get(k)), ""
-    )
+    flow_id = _flow_id(params)
+    params.pop("flow", None)
     flow = await svc.sessions.peek_flow(flow_id, request.cookies.get(FLOW_COOKIE))
     try:
         if flow is None or flow.upstream != upstream.id:

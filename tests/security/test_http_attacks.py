@@ -183,6 +183,21 @@ async def test_next_with_trailing_newline_is_not_a_local_path(
     assert response.headers["Location"] == "/"
 
 
+async def test_a_cookieless_post_for_no_live_flow_is_refused_not_parked(
+    client: ContractClient, broker: Services
+) -> None:
+    """Only an answer to a sign-in in progress is parked for the cross-site hand-off; anything
+    else is refused at once (and audited), so the cache cannot be filled with junk."""
+    attacker = Browser(client)
+    form = [("RelayState", "no-such-flow"), ("SAMLResponse", "x" * 4000)]
+    response = await attacker.request("POST", "/login/dev/callback", data=form)
+    assert response.status == 400 and "Location" not in response.headers
+    assert "started in another browser" in response.text
+    assert_no_session(response)
+    [rejected] = audit_events(broker, "sign_in")
+    assert rejected["outcome"] == "rejected" and signed_in(broker) == []
+
+
 # --- the sign-in flow is bound to one browser and completes once -------------------------
 
 

@@ -101,19 +101,25 @@ class TokenStore:
     def save(self, data: Mapping[str, Any]) -> None:
         """Replace the file atomically; the new file is 0600 from its first byte."""
         self._ensure_directory()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tokens-", suffix=".json")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=2, sort_keys=True)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_private(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text` in a file that is 0600 from its first byte
+    (its directory is created 0700 if missing)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 # --- HTTP --------------------------------------------------------------------------------

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -33,26 +31,10 @@ from broker.cli_client import (
     _run,
     config_dir,
     fresh_access_token,
+    write_private,
 )
 
 RENEW_BEFORE = 300  # seconds
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace `path` atomically with a file that is 0600 from its first byte."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _expires_at(body: Mapping[str, Any]) -> float:
@@ -101,7 +83,7 @@ async def credential(
         if body.get("error") == "insufficient_scope":
             hint = f" (sign in again: broker login --issuer {chosen})"
         raise CliError(f"the broker refused: {_describe(body)}{hint}")
-    _write_private(cache, json.dumps(body))
+    write_private(cache, json.dumps(body))
     return body
 
 
@@ -132,7 +114,7 @@ def merge_clouds_yaml(path: Path, cloud: str, body: Mapping[str, Any]) -> None:
     if not isinstance(current, dict) or not isinstance(current.get("clouds", {}), dict):
         raise CliError(f"{path} is not a clouds.yaml file; not touching it")
     current.setdefault("clouds", {})[cloud] = entry
-    _write_private(path, yaml.safe_dump(current, sort_keys=False))
+    write_private(path, yaml.safe_dump(current, sort_keys=False))
 
 
 def _request(backend: str, duration: int, **optional: str | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import secrets
 from functools import cache
 from importlib import resources
 from string import Template
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -25,6 +26,17 @@ def _base() -> Template:
 
 def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
+
+
+def origin_of(url: str) -> str:
+    """`scheme://host[:port]` of `url`: what a CSP `form-action` source names.
+
+    Browsers apply `form-action` to every redirect that follows a form post, so a page whose
+    form can end in a redirect elsewhere (consent, a sign-in form, an auto-posting form) must
+    name that origin.
+    """
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def render(

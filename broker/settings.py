@@ -136,15 +136,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_issuer_url(value: str) -> str:
-    """An issuer identifier: absolute, https unless loopback, no query or fragment."""
+def _http_url(value: str) -> str:
+    """An absolute URL, https unless the host is loopback (tests, `broker dev`)."""
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("must be an absolute http(s) URL")
-    if parts.query or parts.fragment:
-        raise ValueError("an issuer URL has no query or fragment (RFC 8414 §2)")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ValueError("must use https unless the host is loopback")
+    return value
+
+
+def check_issuer_url(value: str) -> str:
+    """An issuer identifier: absolute, https unless loopback, no query or fragment."""
+    parts = urlsplit(_http_url(value))
+    if parts.query or parts.fragment:
+        raise ValueError("an issuer URL has no query or fragment (RFC 8414 §2)")
     return value.rstrip("/")
 
 
@@ -322,16 +328,6 @@ _UPSTREAM_ID = r"^[a-z0-9][a-z0-9_-]*$"
 JwsAlgorithm = Literal[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
 ]
-
-
-def _http_url(value: str) -> str:
-    """An absolute URL, https unless the host is loopback (tests, `broker dev`)."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError("must be an absolute http(s) URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ValueError("must use https unless the host is loopback")
-    return value
 
 
 HttpUrl = Annotated[str, BeforeValidator(lambda v: _http_url(v) if isinstance(v, str) else v)]

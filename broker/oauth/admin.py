@@ -23,6 +23,7 @@ from sqlalchemy import update
 from broker.errors import AccessDenied, InvalidRequest
 from broker.oauth import bearer
 from broker.oauth.clients import Client, hash_secret
+from broker.oauth.forms import read_json_object
 from broker.oauth.issuance import load_principal
 from broker.services import Services
 from broker.state import services
@@ -77,23 +78,11 @@ async def list_clients(request: web.Request) -> web.Response:
     return web.json_response({"clients": clients}, dumps=json.dumps, headers=_NO_STORE)
 
 
-async def _read_document(request: web.Request) -> dict[str, Any]:
-    if request.content_type != "application/json":
-        raise InvalidRequest("send the client as an application/json document")
-    try:
-        document = json.loads(await request.read())
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidRequest("the body is not valid JSON") from None
-    if not isinstance(document, dict):
-        raise InvalidRequest("the body must be a JSON object (a client document)")
-    return document
-
-
 async def create_client(request: web.Request) -> web.Response:
     """POST /v1/admin/clients: register a client; 201 with its document (and a new secret)."""
     svc = services(request)
     actor = await require_admin(svc, request)
-    document = await _read_document(request)
+    document = await read_json_object(request, "the client")
     plain = document.pop("client_secret", None)
     generated = False
     if plain is not None:

@@ -33,7 +33,7 @@ from broker.oauth.forms import parse_form, query_params
 from broker.oauth.issuance import Issued, TokenRequest, issue, load_principal, remember_principal
 from broker.oauth.refresh import token_hash
 from broker.oauth.token import GrantContext, grant, require
-from broker.pages import esc, render
+from broker.pages import esc, origin_of, render
 from broker.routes.login import current_session, read_form
 from broker.services import Services
 from broker.state import services
@@ -197,13 +197,18 @@ async def resume(request: web.Request) -> web.StreamResponse:
     return await _continue(request, svc, client, req, request_id)
 
 
-async def _load_request(svc: Services, request_id: str) -> AuthorizationRequest:
+async def _stored_request(svc: Services, request_id: str) -> AuthorizationRequest | None:
     raw = await svc.cache.get(f"authz-req:{request_id}") if request_id else None
-    if raw is None:
+    return AuthorizationRequest(**json.loads(raw)) if raw else None
+
+
+async def _load_request(svc: Services, request_id: str) -> AuthorizationRequest:
+    req = await _stored_request(svc, request_id)
+    if req is None:
         raise InvalidRequest(
             "This sign-in request has expired. Go back to the application and start again."
         )
-    return AuthorizationRequest(**json.loads(raw))
+    return req
 
 
 async def _continue(
@@ -306,24 +311,12 @@ def _consent_page(
     return render(request, "Allow access?", body, form_action=origin_of(req.redirect_uri))
 
 
-def origin_of(url: str) -> str:
-    """`scheme://host[:port]` of `url`: what a CSP `form-action` source names.
-
-    Browsers apply `form-action` to every redirect that follows a form post, so a page whose
-    form can end in a redirect to the client (consent, a sign-in form) must name its origin.
-    """
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 async def _pending(svc: Services, next_url: str) -> AuthorizationRequest | None:
     """The authorization request `next_url` resumes, if it does and it is still pending."""
     parts = urlsplit(next_url)
     if parts.path != "/oauth/authorize/resume":
         return None
-    request_id = dict(parse_qsl(parts.query)).get("req", "")
-    raw = await svc.cache.get(f"authz-req:{request_id}") if request_id else None
-    return AuthorizationRequest(**json.loads(raw)) if raw else None
+    return await _stored_request(svc, dict(parse_qsl(parts.query)).get("req", ""))
 
 
 async def pending_redirect_origin(svc: Services, next_url: str) -> str:

@@ -1,11 +1,14 @@
-"""Strict parsing of OAuth form bodies (RFC 6749 §3.1, §3.2).
+"""Strict parsing of request bodies: OAuth forms (RFC 6749 §3.1, §3.2) and the JSON
+documents of the broker's own APIs.
 
-Only `application/x-www-form-urlencoded`; a parameter given twice is an error; a parameter
-sent without a value counts as absent.
+Forms: only `application/x-www-form-urlencoded`; a parameter given twice is an error; a
+parameter sent without a value counts as absent.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -40,3 +43,16 @@ async def read_oauth_form(request: web.Request) -> dict[str, str]:
 def query_params(request: web.Request) -> dict[str, str]:
     """Query parameters with the same rules as forms (for GET /oauth/authorize)."""
     return parse_form(request.query_string.encode())
+
+
+async def read_json_object(request: web.Request, what: str) -> dict[str, Any]:
+    """The body as a JSON object, or InvalidRequest naming `what` it should hold."""
+    if request.content_type != "application/json":
+        raise InvalidRequest(f"send {what} as an application/json document")
+    try:
+        document = json.loads(await request.read())
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest(f"the body must be a JSON object ({what})")
+    return document

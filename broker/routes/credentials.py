@@ -24,6 +24,7 @@ from broker.credentials import (
 )
 from broker.errors import AccessDenied, InvalidRequest, InvalidTarget
 from broker.oauth import bearer
+from broker.oauth.forms import read_json_object
 from broker.oauth.issuance import load_principal
 from broker.oauth.userinfo import InsufficientScope
 from broker.services import Services
@@ -47,12 +48,7 @@ async def _caller(svc: Services, request: web.Request) -> tuple[Principal, dict[
 
 
 async def _request_body(request: web.Request) -> CredentialRequest:
-    if request.content_type != "application/json":
-        raise InvalidRequest("send the request as an application/json document")
-    try:
-        document = json.loads(await request.read())
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidRequest("the body is not valid JSON") from None
+    document = await read_json_object(request, "the request")
     try:
         return CredentialRequest.model_validate(document)
     except ValidationError as error:

@@ -10,7 +10,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
@@ -25,7 +25,7 @@ from adapters.base import (
     Upstream,
 )
 from broker.errors import AccessDenied, BrokerError, InvalidRequest, NotFound
-from broker.pages import esc, render
+from broker.pages import esc, origin_of, render
 from broker.services import Services
 from broker.sessions import FLOW_COOKIE, FLOW_TTL, SESSION_COOKIE, Session
 from broker.state import services
@@ -302,13 +302,12 @@ async def _begin(
             "<p>Your browser will continue automatically; if not, press Continue.</p>"
             '<button type="submit">Continue</button></form>'
         )
-        target = urlsplit(step.url)
         response = render(
             request,
             "Continuing sign-in",
             body,
             script="document.getElementById('continue').submit();",
-            form_action=f"{target.scheme}://{target.netloc}",
+            form_action=origin_of(step.url),
         )
     else:
         response = render(

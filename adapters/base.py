@@ -268,3 +268,71 @@ class TokenSigner(Protocol):
         """A JWT with `iss`, `aud`, `iat`, `nbf`, `exp`, `jti` and a `kid` header added to
         `claims`; `sub` must be in `claims`."""
         ...
+
+
+# --- repositories ------------------------------------------------------------------------
+
+Permission = str  # "admin" | "write" | "read" | "none", a forge's own word mapped to these
+
+
+@dataclass(frozen=True, slots=True)
+class RepoFacts:
+    """What a forge says about one repository: the attributes of the policy's `Repo` entity.
+
+    `namespace` is the forge account that holds the repo (a user or organisation login, a
+    GitLab group path, a Bitbucket project key); `organisation` is set when that account is
+    an organisation (GitHub org, GitLab group, Bitbucket workspace/project), None for a
+    personal account. `visibility` is "public", "internal" or "private".
+    """
+
+    namespace: str
+    visibility: str
+    organisation: str | None = None
+    default_branch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GitRemote:
+    """How the broker itself reaches one repository over git smart HTTP.
+
+    `url` is the repository's base URL (`https://host/owner/repo.git`); the gateway appends
+    `/info/refs`, `/git-upload-pack`. The credential goes into an `Authorization: Basic`
+    header (username, password), or `Authorization: Bearer password` when `username` is
+    empty. It never leaves the broker. `token_id` is what `release` needs (never a secret);
+    `expires_at` None means the secret does not expire by itself (a stored secret).
+    """
+
+    url: str
+    username: str
+    password: str = field(repr=False)
+    expires_at: datetime | None = None
+    token_id: str | None = None
+    write: bool = False
+
+
+@runtime_checkable
+class RepoHost(Protocol):
+    """A forge or git host whose repositories the broker can reach (GitHub App, GitLab,
+    Bitbucket, a generic host with a stored secret). Repo names are `owner/name` as the
+    forge spells them; every method raises `adapters.errors.NotFound` for an unknown repo.
+    """
+
+    id: str
+
+    async def repo_facts(self, owner: str, name: str) -> RepoFacts: ...
+
+    async def user_permission(self, owner: str, name: str, account: str | None) -> Permission:
+        """The forge account `account`'s own permission on the repo; "none" when the
+        account is None or has none."""
+        ...
+
+    async def remote(
+        self, owner: str, name: str, *, write: bool, principal_id: str, ttl: int
+    ) -> GitRemote:
+        """A fresh credential for this one repository only, read-only unless `write`,
+        living at most `ttl` seconds where the forge lets the broker choose."""
+        ...
+
+    async def release(self, remote: GitRemote) -> None:
+        """Revoke `remote`'s credential early; succeed if it is already gone."""
+        ...

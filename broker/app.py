@@ -13,7 +13,7 @@ from broker.credentials import run_cleanup
 from broker.middleware import build_middlewares
 from broker.oauth import admin, authorize, device, introspect, token, userinfo
 from broker.oauth import exchange as _exchange  # noqa: F401  (no routes; registers its @grant)
-from broker.routes import credentials, health, home, issuer, login
+from broker.routes import credentials, health, home, issuer, login, secrets
 from broker.services import Services, start_services
 from broker.settings import Settings
 from broker.state import DEV_MODE, SERVICES
@@ -35,6 +35,7 @@ def _application(settings: Settings, dev_mode: bool) -> web.Application:
         admin,
         device,
         credentials,
+        secrets,
     ):
         module.add_routes(app)
     return app

@@ -20,8 +20,18 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Table, select, update
 
-from adapters.base import Credential, Grant, Principal, Revocable
-from broker.errors import AccessDenied, BrokerError, InvalidTarget, NotFound, ServerError
+from adapters.base import Backend, Credential, Grant, Principal, Revocable
+from broker.errors import (
+    AccessDenied,
+    BrokerError,
+    InvalidRequest,
+    InvalidTarget,
+    NotFound,
+    ServerError,
+)
+from broker.repo_credentials import RepoCredentialBackend
+from broker.repos import RepoRef
+from broker.repos import decide as decide_repo
 from broker.services import Services
 from broker.storage import LeaseRecord
 from policies.decision import Decision
@@ -56,6 +66,7 @@ class CredentialRequest(BaseModel):
     duration: int = Field(default=3600, gt=0, le=MAX_DURATION)
     role: str | None = Field(default=None, min_length=1, max_length=128)
     project: str | None = Field(default=None, min_length=1, max_length=128)
+    repo: str | None = Field(default=None, min_length=3, max_length=300)  # repository hosts
     resources: Resources = Resources()
 
 
@@ -104,6 +115,10 @@ async def issue_credential(
     backend = svc.backends.get(request.backend)
     if backend is None:
         raise InvalidTarget(f"there is no backend {request.backend!r}")
+    if isinstance(backend, RepoCredentialBackend):
+        return await _issue_repo_credential(svc, backend, principal, client_id, request)
+    if request.repo is not None:
+        raise InvalidRequest(f"backend {request.backend!r} is not a repository host")
     kind = next(b.type for b in svc.settings.backends if b.id == request.backend)
     context = {"ttl_seconds": request.duration} | {
         key: getattr(request.resources, name) for name, key in _RESOURCES.items()
@@ -152,6 +167,54 @@ async def issue_credential(
             reason=error.log_detail[:300] or error.description[:300], **audit,
         )  # fmt: skip
         raise
+    return await _record(svc, backend, principal, client_id, request, credential,
+                         issued_at=issued_at, ttl=ttl, max_ttl=max_ttl, audit=audit,
+                         policies=decision.reasons)  # fmt: skip
+
+
+async def _issue_repo_credential(
+    svc: Services, backend: RepoCredentialBackend, principal: Principal, client_id: str | None,
+    request: CredentialRequest,
+) -> IssuedCredential:  # fmt: skip
+    """A forge token for one repository, allowed by Cedar `read_repo` (not `launch`)."""
+    if request.repo is None:
+        raise InvalidRequest('name the repository: {"repo": "owner/name"}')
+    ref = RepoRef.parse(f"{request.backend}/{request.repo}")
+    decision = await decide_repo(svc, principal, ref, "read_repo")
+    audit = {
+        "backend": request.backend, "client": client_id, "repo": str(ref),
+        "policies": list(decision.reasons), "requested_duration": request.duration,
+    }  # fmt: skip
+    if not decision.allowed:
+        svc.metrics.denials.labels(action="read_repo").inc()
+        await svc.audit.append("credential.denied", outcome="denied", actor=principal.id, **audit)
+        raise AccessDenied(f"No policy lets you read {ref}.", reasons=decision.reasons)
+    max_ttl = min(decision.limits.max_ttl or backend.max_ttl, backend.max_ttl)
+    ttl = min(request.duration, max_ttl)
+    grant = Grant(
+        principal=principal, action="read_repo", resource=f"{ref.forge_owner}/{ref.name}",
+        limits=decision.limits, policy_ids=decision.reasons, ttl=ttl, client=client_id,
+    )  # fmt: skip
+    issued_at = datetime.now(UTC)
+    try:
+        credential = await backend.issue(grant)
+    except BrokerError as error:
+        await svc.audit.append(
+            "credential.failed", outcome="failure", actor=principal.id, error=error.error,
+            reason=error.log_detail[:300] or error.description[:300], **audit,
+        )  # fmt: skip
+        raise
+    return await _record(svc, backend, principal, client_id, request, credential,
+                         issued_at=issued_at, ttl=ttl, max_ttl=max_ttl, audit=audit,
+                         policies=decision.reasons)  # fmt: skip
+
+
+async def _record(
+    svc: Services, backend: Backend, principal: Principal, client_id: str | None,
+    request: CredentialRequest, credential: Credential, *, issued_at: datetime, ttl: int,
+    max_ttl: int | None, audit: dict[str, Any], policies: tuple[str, ...],
+) -> IssuedCredential:  # fmt: skip
+    """Refuse a credential that outlives the policy, else store its lease and audit."""
     ceiling = issued_at + timedelta(seconds=(max_ttl or MAX_DURATION) + 5)
     if credential.expires_at > ceiling:
         # A backend must never outlive the policy; take the credential back if it can.
@@ -179,7 +242,7 @@ async def issue_credential(
         credential=credential,
         requested_duration=request.duration,
         clipped=ttl < request.duration,
-        policies=decision.reasons,
+        policies=policies,
     )
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 import aiohttp
 import structlog
 
-from adapters.base import Backend, Lifecycle, TokenSigner, Upstream
+from adapters.base import Backend, Lifecycle, RepoHost, TokenSigner, Upstream
 from adapters.downstream.secrets import VaultSecretBackend
 from adapters.errors import ConfigurationError, Conflict
 from adapters.upstream.dev import DevUpstream
@@ -29,14 +29,20 @@ from broker.keyring import KeyRing, SigningKey
 from broker.metrics import Metrics
 from broker.oauth.clients import ClientRegistry
 from broker.oauth.refresh import RefreshStore
+from broker.remotes import RemoteCache
+from broker.repo_credentials import RepoCredentialBackend
 from broker.sessions import SessionStore
 from broker.settings import (
     AppRoleAuthSettings,
     AwsBackendConfig,
     BackendConfig,
+    BitbucketBackendConfig,
     DevUpstreamConfig,
     EnvRef,
     FileRef,
+    GitHostBackendConfig,
+    GitHubBackendConfig,
+    GitLabBackendConfig,
     MetadataFileConfig,
     MetadataSourceConfig,
     MetadataUrlConfig,
@@ -53,7 +59,11 @@ from broker.tokens import TokenService
 from policies.engine import PolicyEngine, PolicyError, Resource
 
 ConfigT = TypeVar("ConfigT")
-AdapterT = TypeVar("AdapterT", Upstream, Backend)
+AdapterT = TypeVar("AdapterT", Upstream, Backend, RepoHost)
+RepoHostConfig = (
+    GitHubBackendConfig | GitLabBackendConfig | BitbucketBackendConfig | GitHostBackendConfig
+)
+REPO_HOST_TYPES = ("github", "gitlab", "bitbucket", "git")
 
 if TYPE_CHECKING:
     from adapters.upstream.saml_metadata import AggregateSource, FileSource, MdqSource
@@ -89,10 +99,14 @@ class Services:
     signer: KeyRingSigner
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     backends: dict[str, Backend] = field(default_factory=dict)
+    repo_hosts: dict[str, RepoHost] = field(default_factory=dict)
+    remotes: RemoteCache = field(default_factory=RemoteCache)
 
     async def close(self) -> None:
+        await self.remotes.close(self.repo_hosts)
         await close_all(self.upstreams)
         await close_all(self.backends)
+        await close_all(self.repo_hosts)
         await self.keyring.close()
         await self.audit.flush()  # appends in flight must reach SQL before it closes
         await self.vault.close()
@@ -229,7 +243,9 @@ async def start_all(
     return adapters
 
 
-async def close_all(adapters: Mapping[str, Upstream] | Mapping[str, Backend]) -> None:
+async def close_all(
+    adapters: Mapping[str, Upstream] | Mapping[str, Backend] | Mapping[str, RepoHost],
+) -> None:
     """Close every adapter with background work; one failure does not keep others open."""
     for name, adapter in adapters.items():
         if isinstance(adapter, Lifecycle):
@@ -239,9 +255,58 @@ async def close_all(adapters: Mapping[str, Upstream] | Mapping[str, Backend]) ->
                 log.exception("adapter.close_failed", adapter=name)
 
 
+def split_backends(
+    configs: Sequence[BackendConfig],
+) -> tuple[list[BackendConfig], list[RepoHostConfig]]:
+    """Credential backends (`/v1/credentials`) apart from repository hosts (the gateway)."""
+    credentials: list[BackendConfig] = []
+    hosts: list[RepoHostConfig] = []
+    for config in configs:
+        if isinstance(config, RepoHostConfig):
+            hosts.append(config)
+        else:
+            credentials.append(config)
+    return credentials, hosts
+
+
+async def build_repo_host(config: RepoHostConfig, ctx: AdapterContext) -> RepoHost:
+    """One repository backend from its settings; its secret is read here, once."""
+    if isinstance(config, GitHubBackendConfig):
+        from adapters.downstream.github import GitHubAppHost
+
+        return GitHubAppHost(
+            id=config.id, app_id=config.app_id,
+            private_key_pem=await resolve_secret(config.private_key, ctx.vault),
+            api_url=config.api_url.rstrip("/"), git_url=config.git_url.rstrip("/"), http=ctx.http,
+        )  # fmt: skip
+    if isinstance(config, GitLabBackendConfig):
+        from adapters.downstream.gitlab import GitLabHost
+
+        return GitLabHost(
+            id=config.id, url=config.url.rstrip("/"),
+            token=await resolve_secret(config.token, ctx.vault), token_kind=config.token_kind,
+            http=ctx.http,
+        )  # fmt: skip
+    if isinstance(config, BitbucketBackendConfig):
+        from adapters.downstream.bitbucket import BitbucketHost
+
+        return BitbucketHost(
+            id=config.id, url=config.url.rstrip("/"),
+            token=await resolve_secret(config.token, ctx.vault), http=ctx.http,
+        )  # fmt: skip
+    from adapters.downstream.git_host import GitSecretHost
+
+    return GitSecretHost(
+        id=config.id, url=config.url.rstrip("/"), visibility=config.visibility,
+        vault=ctx.vault, prefix=ctx.vault_prefix,
+    )  # fmt: skip
+
+
 async def build_backend(config: BackendConfig, ctx: AdapterContext) -> Backend:
     """One downstream adapter from its settings; secrets are read here, once. Adapter
     modules are imported only when configured (aioboto3 alone is ~45 MB)."""
+    if isinstance(config, RepoHostConfig):
+        raise ConfigurationError(f"backend {config.id!r} is a repository host")
     if isinstance(config, VaultSecretBackendConfig):
         return VaultSecretBackend(
             config.id, vault=ctx.vault, prefix=ctx.vault_prefix, name=config.name,
@@ -397,7 +462,16 @@ async def start_services(
         vault=vault, vault_prefix=v.prefix, signer=services.signer,
     )  # fmt: skip
     try:
-        services.backends = await start_all(settings.backends, build_backend, context)
+        credential_configs, repo_configs = split_backends(settings.backends)
+        services.backends = await start_all(credential_configs, build_backend, context)
+        services.repo_hosts = await start_all(repo_configs, build_repo_host, context)
+        # Each repository host also hands out per-lease credentials through /v1/credentials.
+        services.backends |= {
+            c.id: RepoCredentialBackend(
+                services.repo_hosts[c.id], vault=vault, prefix=v.prefix, max_ttl=c.max_ttl
+            )
+            for c in repo_configs
+        }
         if with_upstreams:
             services.upstreams = await start_all(settings.upstreams, build_upstream, context)
     except BaseException:

@@ -299,6 +299,16 @@ class LoggingSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class GrantSettings(_Model):
+    """Reviewer grants. `launcher_url` is a BinderHub-style launch link template with
+    `{repo_url}` (the gateway clone URL, URL-encoded) and `{ref}` (the pinned commit, else the
+    grant's ref, else HEAD), e.g. "https://mybinder.example/v2/git/{repo_url}/{ref}"."""
+
+    launcher_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    max_lifetime: Duration = Field(default=90 * 86400, ge=60)
+    max_uses: int = Field(default=100, ge=1)
+
+
 # --- adapter families --------------------------------------------------------------------
 
 
@@ -529,10 +539,63 @@ class OpenStackBackendConfig(_Model):
     audience: str | None = None  # of the broker's JWT for Keystone; default: auth_url
 
 
+class _RepoHostConfig(_Model):
+    """What every repository backend shares."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    # The Principal claim that holds the user's own account name at this forge (e.g. an OIDC
+    # upstream's `preferred_username` when that upstream is the forge). None: the broker
+    # does not know users' forge accounts; `Repo.permission` is then "none".
+    account_claim: str | None = None
+    max_ttl: Duration = 3600  # the longest a credential handed out by `/v1/credentials` lives
+
+
+class GitHubBackendConfig(_RepoHostConfig):
+    """A GitHub App: installation tokens restricted to one repository."""
+
+    type: Literal["github"]
+    app_id: str = Field(pattern=r"^[0-9]+$")
+    private_key: SecretRef  # the App's PEM key, normally `{ vault = "kv/path#field" }`
+    api_url: HttpUrl = "https://api.github.com"  # GitHub Enterprise: https://HOST/api/v3
+    git_url: HttpUrl = "https://github.com"
+
+
+class GitLabBackendConfig(_RepoHostConfig):
+    """GitLab: project access tokens (or deploy tokens) with `read_repository`, created with
+    the broker's own token and revoked by the broker when its lease ends."""
+
+    type: Literal["gitlab"]
+    url: HttpUrl = "https://gitlab.com"  # the API is at {url}/api/v4
+    token: SecretRef  # may create project access tokens (Maintainer on the projects)
+    token_kind: Literal["project_access_token", "deploy_token"] = "project_access_token"
+
+
+class BitbucketBackendConfig(_RepoHostConfig):
+    """Bitbucket: repository access tokens with read permission."""
+
+    type: Literal["bitbucket"]
+    url: HttpUrl
+    token: SecretRef  # may create repository access tokens
+
+
+class GitHostBackendConfig(_RepoHostConfig):
+    """Any git host over smart HTTP, reached with a secret stored through `/v1/secrets`:
+    the user's own, else their organisation's (by `organisation_claim`)."""
+
+    type: Literal["git"]
+    url: HttpUrl  # repositories are at {url}/{owner}/{name}.git
+    organisation_claim: str | None = None  # Principal claim naming the user's organisation
+    visibility: Literal["public", "private"] = "private"
+
+
 BackendConfig = Annotated[
     Annotated[VaultSecretBackendConfig, Tag("type=vault_secret")]
     | Annotated[AwsBackendConfig, Tag("type=aws")]
-    | Annotated[OpenStackBackendConfig, Tag("type=openstack")],
+    | Annotated[OpenStackBackendConfig, Tag("type=openstack")]
+    | Annotated[GitHubBackendConfig, Tag("type=github")]
+    | Annotated[GitLabBackendConfig, Tag("type=gitlab")]
+    | Annotated[BitbucketBackendConfig, Tag("type=bitbucket")]
+    | Annotated[GitHostBackendConfig, Tag("type=git")],
     Discriminator(_tag_by("type")),
 ]
 
@@ -655,6 +718,7 @@ class Settings(_Model):
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     oauth: OAuthSettings = OAuthSettings()
+    grants: GrantSettings = GrantSettings()
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     backends: list[BackendConfig] = Field(default_factory=list)
     clients: list[ClientConfig] = Field(default_factory=list)

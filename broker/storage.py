@@ -18,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Index,
+    Integer,
     MetaData,
     String,
     event,
@@ -206,6 +207,47 @@ class LeaseRecord(Base):
     cleaned_up: Mapped[bool] = mapped_column(Boolean, default=False)
     handle: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     details: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+
+
+class GrantRecord(Base):
+    """A reviewer grant on one repo. The capability secret in its link is stored only as a
+    SHA-256 hash; `uses` counts redemptions against `max_uses`."""
+
+    __tablename__ = "grants"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String, unique=True)
+    repo: Mapped[str] = mapped_column(String, index=True)  # "backend/owner/name"
+    commit: Mapped[str | None] = mapped_column(String, nullable=True)  # the pinned commit
+    ref: Mapped[str | None] = mapped_column(String, nullable=True)  # a branch or tag to show
+    created_by: Mapped[str] = mapped_column(String)  # principal id of the author or editor
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    # "email" | "orcid" | "any-signed-in" | "anonymous"; `reviewer` the email or ORCID iD
+    reviewer_kind: Mapped[str] = mapped_column(String)
+    reviewer: Mapped[str | None] = mapped_column(String, nullable=True)
+    note: Mapped[str] = mapped_column(String, default="")
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String, nullable=True)
+
+
+class RedemptionRecord(Base):
+    """One redemption of a grant: who (a real principal id, or a pseudonymous one), under
+    which pseudonym the author sees them, and the token it yielded (by jti)."""
+
+    __tablename__ = "grant_redemptions"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    grant_id: Mapped[str] = mapped_column(String, index=True)
+    principal_id: Mapped[str] = mapped_column(String)
+    pseudonym: Mapped[str] = mapped_column(String)
+    signed_in: Mapped[bool] = mapped_column(Boolean)
+    display: Mapped[str] = mapped_column(String, default="")  # name/email, for editors only
+    token_jti: Mapped[str] = mapped_column(String)
+    redeemed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -110,7 +110,8 @@ def builtin_clients(
 ) -> list[ClientConfig]:
     """`broker-cli`: the public client the `broker login` command uses (device flow). Its
     tokens are addressed to the broker itself and may carry `launch:<backend>` for every
-    configured backend, so `broker credentials` can call `/v1/credentials` with them."""
+    configured backend, so `broker credentials` can call `/v1/credentials` with them, and
+    `repo:read` for `broker git-credential` (the git gateway)."""
     if not cli_client:
         return []
     return [
@@ -119,7 +120,7 @@ def builtin_clients(
             name="binder-broker command line",
             auth_method="none",
             grant_types=["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"],
-            scopes=["openid", "profile", "email", "groups", "offline_access"]
+            scopes=["openid", "profile", "email", "groups", "offline_access", "repo:read"]
             + [f"launch:{backend}" for backend in backends],
             audiences=[issuer] if issuer else [],
             first_party=True,

@@ -142,7 +142,7 @@ async def _exchange_for_credential(ctx: GrantContext, token: str, token_type: st
         if not form["duration"].isdigit():
             raise InvalidRequest("duration must be a number of seconds")
         fields["duration"] = int(form["duration"])
-    fields |= {k: form[k] for k in ("role", "project") if k in form}
+    fields |= {k: form[k] for k in ("role", "project", "repo") if k in form}
     try:
         request = CredentialRequest.model_validate(fields)
     except ValidationError as error:

@@ -37,7 +37,7 @@ def launch_scope(backend: str) -> str:
     return f"launch:{backend}"
 
 
-async def _caller(svc: Services, request: web.Request) -> tuple[Principal, dict[str, Any]]:
+async def caller(svc: Services, request: web.Request) -> tuple[Principal, dict[str, Any]]:
     """The user the token stands for, and its claims; 401 for a bad token or another
     audience, 403 for a token without a user."""
     claims = await bearer.access_token_claims(svc, request, audience=svc.settings.server.public_url)
@@ -61,7 +61,7 @@ async def _request_body(request: web.Request) -> CredentialRequest:
 async def create(request: web.Request) -> web.Response:
     """POST /v1/credentials: a short-lived credential for one launch."""
     svc = services(request)
-    principal, claims = await _caller(svc, request)
+    principal, claims = await caller(svc, request)
     body = await _request_body(request)
     if body.backend not in svc.backends:
         raise InvalidTarget(f"there is no backend {body.backend!r}")
@@ -79,7 +79,7 @@ async def create(request: web.Request) -> web.Response:
 async def list_leases(request: web.Request) -> web.Response:
     """GET /v1/credentials: the caller's live leases, without secrets."""
     svc = services(request)
-    principal, _claims = await _caller(svc, request)
+    principal, _claims = await caller(svc, request)
     leases = [lease_view(r) for r in await live_leases(svc, principal.id)]
     return web.json_response({"leases": leases}, dumps=json.dumps, headers=_NO_STORE)
 
@@ -87,7 +87,7 @@ async def list_leases(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     """DELETE /v1/credentials/{lease_id}: end a lease; the backend revokes where it can."""
     svc = services(request)
-    principal, _claims = await _caller(svc, request)
+    principal, _claims = await caller(svc, request)
     upstream = await revoke_lease(svc, principal.id, request.match_info["lease_id"])
     return web.json_response(
         {"lease_id": request.match_info["lease_id"], "revoked_by_backend": upstream},

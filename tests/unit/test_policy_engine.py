@@ -222,7 +222,11 @@ def test_resource_attributes_that_do_not_fit_schema_deny(engine: PolicyEngine) -
 
 def test_entity_reference_attribute(engine: PolicyEngine) -> None:
     alice = principal(subject="alice")
-    repo = Resource("Repo", "r1", {"owner": EntityRef("User", alice.id), "visibility": "private"})
+    repo = Resource(
+        "Repo", "gh/alice/r1",
+        {"owner": EntityRef("User", alice.id), "visibility": "private", "backend": "gh",
+         "namespace": "alice", "permission": "none"},
+    )  # fmt: skip
     assert engine.decide(alice, "read_repo", repo).reasons == ("owner-reads-own-repo",)
     assert not engine.decide(principal(subject="bob"), "read_repo", repo).allowed
 
@@ -351,3 +355,32 @@ def test_a_federation_can_be_narrowed_to_some_idps_and_affiliations(tmp_path: Pa
     assert engine.decide(student, "sign_in", federation).reasons == ("campus-students-only",)
     assert not engine.decide(elsewhere, "sign_in", federation).allowed
     assert not engine.decide(staff, "sign_in", federation).allowed
+
+
+def _repo(permission: str, owner: str = "forge:gh/lab", visibility: str = "private") -> Resource:
+    return Resource(
+        "Repo", "gh/lab/r1",
+        {"owner": EntityRef("User", owner), "visibility": visibility, "backend": "gh",
+         "namespace": "lab", "organisation": "lab", "permission": permission},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("permission", "read", "grant"),
+    [("none", False, False), ("read", True, False), ("write", True, False),
+     ("admin", True, True)],
+)  # fmt: skip
+def test_default_repo_policies_follow_the_forge_permission(
+    engine: PolicyEngine, permission: str, read: bool, grant: bool
+) -> None:
+    repo = _repo(permission)
+    assert engine.decide(principal(), "read_repo", repo).allowed is read
+    assert engine.decide(principal(), "grant_repo", repo).allowed is grant
+    # Pushing and unmasking reviewers need a site policy, whatever the forge says.
+    assert not engine.decide(principal(), "write_repo", repo).allowed
+    assert not engine.decide(principal(), "see_reviewers", repo).allowed
+
+
+def test_public_repos_are_readable_by_anyone_signed_in(engine: PolicyEngine) -> None:
+    decision = engine.decide(principal(), "read_repo", _repo("none", visibility="public"))
+    assert decision.reasons == ("read-public-repos",)

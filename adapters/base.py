@@ -162,6 +162,18 @@ class LocalForm:
     choices: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
+class SignInAgain(Exception):
+    """Raised by `Upstream.complete` when the upstream needs the user to authenticate again
+    before it answers (a session requirement such as MFA or a particular linked identity):
+    the broker sends the browser to `url`, and the same sign-in flow goes on. `reason` is
+    for the audit record (never a secret)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(reason)
+        self.url = url
+        self.reason = reason
+
+
 class Upstream(Protocol):
     """Federates sign-in to one external identity system."""
 

@@ -22,6 +22,7 @@ from adapters.base import (
     Principal,
     Redirect,
     ServesMetadata,
+    SignInAgain,
     Upstream,
 )
 from broker.errors import AccessDenied, BrokerError, InvalidRequest, NotFound
@@ -409,7 +410,17 @@ async def callback(request: web.Request) -> web.StreamResponse:
                 "This sign-in has expired or was started in another browser. Please start again.",
                 log_detail="no sign-in flow of this browser matches the callback",
             )
-        principal = await upstream.complete(flow, params)
+        try:
+            principal = await upstream.complete(flow, params)
+        except SignInAgain as again:
+            # Not a failure: the upstream asks for a stronger or different sign-in, and this
+            # same flow continues when the browser comes back.
+            await svc.audit.append(
+                "sign_in", outcome="step_up", idp=upstream.id, reason=again.reason[:500]
+            )
+            return web.Response(
+                status=303, headers={"Location": again.url, "Cache-Control": "no-store"}
+            )
         if await svc.sessions.finish_flow(flow_id, request.cookies.get(FLOW_COOKIE)) is None:
             raise InvalidRequest(
                 "This sign-in was already completed. Please start again.",

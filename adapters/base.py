@@ -186,6 +186,14 @@ class Upstream(Protocol):
 
 
 @runtime_checkable
+class PlatformInitiated(Protocol):
+    """An upstream whose sign-ins start elsewhere (an LTI platform's launch): the chooser
+    never offers it, and `begin` refuses."""
+
+    platform_initiated: bool
+
+
+@runtime_checkable
 class Refreshable(Protocol):
     async def refresh(self, principal: Principal) -> Principal: ...
 

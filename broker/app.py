@@ -14,6 +14,9 @@ from broker.middleware import build_middlewares
 from broker.oauth import admin, authorize, device, introspect, token, userinfo
 from broker.oauth import exchange as _exchange  # noqa: F401  (no routes; registers its @grant)
 from broker.routes import credentials, health, home, issuer, login, secrets
+from broker.routes import git as git_gateway
+from broker.routes import grants as reviewer_grants
+from broker.routes import lti as lti_tool
 from broker.services import Services, start_services
 from broker.settings import Settings
 from broker.state import DEV_MODE, SERVICES
@@ -36,6 +39,9 @@ def _application(settings: Settings, dev_mode: bool) -> web.Application:
         device,
         credentials,
         secrets,
+        git_gateway,
+        reviewer_grants,
+        lti_tool,
     ):
         module.add_routes(app)
     return app

@@ -52,6 +52,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """The server's event loop: uvloop (libuv, less CPU per request) when `choice` is
+    "uvloop" and it is installed, else asyncio's own."""
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not built for this platform: asyncio's loop works the same
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -63,7 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     host = args.host or settings.server.bind_host
     port = args.port if args.port is not None else settings.server.bind_port
-    web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=args.reuse_port)
+    web.run_app(
+        app, host=host, port=port, access_log=None, print=None, reuse_port=args.reuse_port,
+        loop=_new_event_loop(args.loop),
+    )  # fmt: skip
     return 0
 
 
@@ -72,9 +88,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     extra = Path(args.upstreams) if args.upstreams else None
     try:
-        return asyncio.run(
-            run_dev(Path(args.state_dir), args.port, host=args.host, upstreams=extra)
-        )
+        with asyncio.Runner(loop_factory=lambda: _new_event_loop(args.loop)) as runner:
+            return runner.run(
+                run_dev(Path(args.state_dir), args.port, host=args.host, upstreams=extra)
+            )
     except SettingsError as error:
         print(f"{error.source}: the settings are not valid:", file=sys.stderr)
         for problem in error.problems:
@@ -290,6 +307,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     return run_token(args.issuer)
 
 
+def cmd_git_credential(args: argparse.Namespace) -> int:
+    from broker.cli_git import run_git_credential
+
+    return run_git_credential(args.operation)
+
+
+def _loop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop",
+        help="event loop (default uvloop when installed, else asyncio)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="broker",
@@ -306,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let several worker processes share the port (SO_REUSEPORT)",
     )
+    _loop_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -320,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a TOML file of [[upstreams]] (OIDC providers, SAML IdPs or federations) to offer "
         "beside the dev sign-in; a SAML entry may leave out sp_key/sp_cert to use a generated pair",
     )
+    _loop_option(p)
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("check-config", help="validate a settings file and print every problem")
@@ -390,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="print a fresh access token (refreshing it if needed)")
     p.add_argument("--issuer", help="default: the broker last logged in to")
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser(
+        "git-credential",
+        help="git credential helper: broker tokens for the broker's git gateway "
+        "(git config credential.helper '!broker git-credential')",
+    )
+    p.add_argument("operation", help="get, store or erase (git calls it; others are ignored)")
+    p.set_defaults(func=cmd_git_credential)
 
     p = sub.add_parser("doctor", help="check a deployment against a cloud's requirements")
     checks = p.add_subparsers(dest="doctor_command", required=True, metavar="TARGET")

@@ -79,6 +79,7 @@ class RepoAccess:
     grant_id: str | None = None
     commit: str | None = None
     jti: str | None = None
+    client: str | None = None
 
 
 def host_for(svc: Services, ref: RepoRef) -> RepoHost:
@@ -189,10 +190,13 @@ async def authorize(
         revoked = InvalidToken("the token was revoked")
         revoked.headers["WWW-Authenticate"] = 'Basic realm="binder-broker"'
         raise revoked
-    if isinstance(claims.get("cnf"), Mapping):
-        raise InvalidToken("a key-bound (DPoP) token cannot be used by git; ask for an unbound one")
     subject = str(claims["sub"])
     audit = {"repo": str(ref), "write": write, "client": claims.get("client_id"), "jti": jti}
+    if isinstance(claims.get("cnf"), Mapping):
+        reason = "a key-bound (DPoP) token cannot be used by git; ask for an unbound one"
+        await svc.audit.append("repo.denied", outcome="denied", actor=subject, reason=reason,
+                               **audit)  # fmt: skip
+        raise InvalidToken(reason)
     if "grant" in claims:
         return await _authorize_grant(svc, claims, ref, write=write, audit=audit)
     scopes = str(claims.get("scope", "")).split()
@@ -214,7 +218,11 @@ async def authorize(
             **audit,
         )  # fmt: skip
         raise AccessDenied(f"no policy lets you {'write to' if write else 'read'} {ref}")
-    return RepoAccess(ref, subject, subject, write, decision.reasons, jti=jti)
+    client = audit["client"]
+    return RepoAccess(
+        ref, subject, subject, write, decision.reasons, jti=jti,
+        client=str(client) if client is not None else None,
+    )  # fmt: skip
 
 
 async def _authorize_grant(
@@ -243,6 +251,7 @@ async def _authorize_grant(
     return RepoAccess(
         ref, subject, record.created_by, False, (f"grant:{grant_id}",), grant_id=grant_id,
         commit=record.commit, jti=str(claims["jti"]),
+        client=str(claims["client_id"]) if claims.get("client_id") is not None else None,
     )  # fmt: skip
 
 

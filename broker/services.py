@@ -43,6 +43,9 @@ from broker.settings import (
     GitHostBackendConfig,
     GitHubBackendConfig,
     GitLabBackendConfig,
+    GlobusBackendConfig,
+    GlobusUpstreamConfig,
+    LtiUpstreamConfig,
     MetadataFileConfig,
     MetadataSourceConfig,
     MetadataUrlConfig,
@@ -202,6 +205,30 @@ async def build_upstream(config: UpstreamConfig, ctx: AdapterContext) -> Upstrea
             keep_refresh_token=config.keep_refresh_token, clock_skew=config.clock_skew,
             http=ctx.http, cache=ctx.cache, vault=ctx.vault, vault_prefix=ctx.vault_prefix,
         )  # fmt: skip
+    if isinstance(config, LtiUpstreamConfig):
+        from adapters.upstream.lti import LtiUpstream
+
+        return LtiUpstream(
+            id=config.id, display_name=config.display_name or config.id, issuer=config.issuer,
+            client_id=config.client_id, deployment_ids=config.deployment_ids,
+            jwks_url=config.jwks_url, auth_login_url=config.auth_login_url,
+            token_url=config.token_url, targets={t.url: t.title or t.url for t in config.targets},
+            launch_url=f"{ctx.public_url}/lti/{config.id}/launch",
+            id_token_algs=config.id_token_algs, clock_skew=config.clock_skew,
+            ticket_ttl=config.ticket_ttl, launch_record_ttl=config.launch_record_ttl,
+            http=ctx.http, cache=ctx.cache, signer=ctx.signer,
+        )  # fmt: skip
+    if isinstance(config, GlobusUpstreamConfig):
+        from adapters.upstream.globus import GlobusUpstream
+
+        return GlobusUpstream(
+            id=config.id, display_name=config.display_name, client_id=config.client_id,
+            client_secret=await resolve_secret(config.client_secret, ctx.vault),
+            scopes=config.scopes, resource_scope=config.resource_scope,
+            dependent_scopes=config.dependent_scopes, require_mfa=config.require_mfa,
+            required_domains=config.required_domains, clock_skew=config.clock_skew,
+            cache=ctx.cache, vault=ctx.vault, vault_prefix=ctx.vault_prefix,
+        )  # fmt: skip
     from adapters.upstream.saml import SamlUpstream
     from adapters.upstream.saml_metadata import MetadataStore
 
@@ -291,7 +318,7 @@ async def build_repo_host(config: RepoHostConfig, ctx: AdapterContext) -> RepoHo
         from adapters.downstream.bitbucket import BitbucketHost
 
         return BitbucketHost(
-            id=config.id, url=config.url.rstrip("/"),
+            id=config.id, url=config.url.rstrip("/"), username=config.username,
             token=await resolve_secret(config.token, ctx.vault), http=ctx.http,
         )  # fmt: skip
     from adapters.downstream.git_host import GitSecretHost
@@ -311,6 +338,13 @@ async def build_backend(config: BackendConfig, ctx: AdapterContext) -> Backend:
         return VaultSecretBackend(
             config.id, vault=ctx.vault, prefix=ctx.vault_prefix, name=config.name,
             max_ttl=config.max_ttl,
+        )  # fmt: skip
+    if isinstance(config, GlobusBackendConfig):
+        from adapters.downstream.globus import GlobusBackend
+
+        return GlobusBackend(
+            config.id, upstream=config.upstream,
+            default_resource_server=config.default_resource_server,
         )  # fmt: skip
     if isinstance(config, AwsBackendConfig):
         from adapters.downstream.aws import AwsBackend, AwsRole
@@ -474,6 +508,10 @@ async def start_services(
         }
         if with_upstreams:
             services.upstreams = await start_all(settings.upstreams, build_upstream, context)
+            if any(isinstance(b, GlobusBackendConfig) for b in settings.backends):
+                from adapters.downstream.globus import link_upstreams
+
+                link_upstreams(services.backends, services.upstreams)
     except BaseException:
         await services.close()
         raise

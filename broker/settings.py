@@ -457,10 +457,81 @@ class SamlUpstreamConfig(_Model):
     requested_authn_context: list[str] = Field(default_factory=list)
 
 
+def _rs256() -> list[JwsAlgorithm]:
+    return ["RS256"]
+
+
+class LtiTargetConfig(_Model):
+    """A launch URL at the launcher that LTI launches may land on (compared exactly)."""
+
+    url: HttpUrl
+    title: str = ""  # shown to instructors picking a link (Deep Linking); default: the URL
+
+
+class LtiUpstreamConfig(_Model):
+    """One LTI 1.3 platform registration (Canvas, Moodle, Blackboard ...): the broker is the
+    tool. Launches start at the platform; see the README section on registering the tool.
+    Needs `[keys] algorithm = "RS256"`: platforms verify tool messages with RS256 only."""
+
+    type: Literal["lti"]
+    id: str = Field(pattern=_UPSTREAM_ID)  # the {platform} in /lti/{platform}/login
+    display_name: str = ""  # default: the id
+    issuer: Annotated[str, BeforeValidator(check_issuer_url)]
+    client_id: str = Field(min_length=1)
+    deployment_ids: list[str] = Field(min_length=1)
+    jwks_url: HttpUrl
+    auth_login_url: HttpUrl
+    token_url: HttpUrl
+    targets: list[LtiTargetConfig] = Field(min_length=1)  # the launcher allow-list
+    id_token_algs: list[JwsAlgorithm] = Field(default_factory=_rs256, min_length=1)
+    clock_skew: Duration = 60
+    ticket_ttl: Duration = Field(default=60, ge=1, le=300)
+    launch_record_ttl: Duration = 14 * 86400  # how long "who launched" is remembered
+
+
+class GlobusUpstreamConfig(_Model):
+    """Sign-in with Globus Auth (ACCESS, campus and other linked identities), its groups, and
+    dependent tokens for Globus services kept in Vault (a confidential app registered at
+    app.globus.org; `resource_scope` is that app's own scope, on which the `dependent_scopes`
+    depend)."""
+
+    type: Literal["globus"]
+    id: str = Field(default="globus", pattern=_UPSTREAM_ID)
+    display_name: str = "Globus (ACCESS and campus identities)"
+    client_id: str = Field(min_length=1)
+    client_secret: SecretRef
+    scopes: list[str] = Field(
+        default_factory=lambda: [
+            "openid", "profile", "email",
+            "urn:globus:auth:scope:auth.globus.org:view_identity_set",
+            "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships",
+        ]
+    )  # fmt: skip
+    resource_scope: str | None = None
+    dependent_scopes: dict[str, str] = Field(default_factory=dict)  # resource server → scope
+    require_mfa: bool = False
+    required_domains: list[str] = Field(default_factory=list)  # e.g. ["access-ci.org"]
+    clock_skew: Duration = 60
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GlobusUpstreamConfig:
+        if "openid" not in self.scopes:
+            raise ValueError("scopes must include 'openid'")
+        if (self.dependent_scopes or self.require_mfa or self.required_domains) and not (
+            self.resource_scope
+        ):
+            raise ValueError(
+                "dependent_scopes, require_mfa and required_domains need resource_scope"
+            )
+        return self
+
+
 UpstreamConfig = Annotated[
     Annotated[DevUpstreamConfig, Tag("type=dev")]
     | Annotated[OidcUpstreamConfig, Tag("type=oidc")]
-    | Annotated[SamlUpstreamConfig, Tag("type=saml")],
+    | Annotated[SamlUpstreamConfig, Tag("type=saml")]
+    | Annotated[LtiUpstreamConfig, Tag("type=lti")]
+    | Annotated[GlobusUpstreamConfig, Tag("type=globus")],
     Discriminator(_tag_by("type")),
 ]
 
@@ -574,8 +645,12 @@ class BitbucketBackendConfig(_RepoHostConfig):
     """Bitbucket: repository access tokens with read permission."""
 
     type: Literal["bitbucket"]
-    url: HttpUrl
-    token: SecretRef  # may create repository access tokens
+    url: HttpUrl  # Bitbucket Data Center
+    # A service account that may create repository access tokens (an HTTP access token may
+    # not create tokens): `username` with its password as `token`; without `username`,
+    # `token` is sent as a Bearer token.
+    username: str | None = None
+    token: SecretRef
 
 
 class GitHostBackendConfig(_RepoHostConfig):
@@ -588,6 +663,16 @@ class GitHostBackendConfig(_RepoHostConfig):
     visibility: Literal["public", "private"] = "private"
 
 
+class GlobusBackendConfig(_Model):
+    """Globus access tokens (the Globus upstream's dependent tokens) for launches; a request's
+    `role` names the resource server, else `default_resource_server`."""
+
+    type: Literal["globus"]
+    id: str = Field(default="globus", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    upstream: str = "globus"  # the id of the Globus upstream that holds the tokens
+    default_resource_server: str | None = None
+
+
 BackendConfig = Annotated[
     Annotated[VaultSecretBackendConfig, Tag("type=vault_secret")]
     | Annotated[AwsBackendConfig, Tag("type=aws")]
@@ -595,7 +680,8 @@ BackendConfig = Annotated[
     | Annotated[GitHubBackendConfig, Tag("type=github")]
     | Annotated[GitLabBackendConfig, Tag("type=gitlab")]
     | Annotated[BitbucketBackendConfig, Tag("type=bitbucket")]
-    | Annotated[GitHostBackendConfig, Tag("type=git")],
+    | Annotated[GitHostBackendConfig, Tag("type=git")]
+    | Annotated[GlobusBackendConfig, Tag("type=globus")],
     Discriminator(_tag_by("type")),
 ]
 
@@ -730,6 +816,13 @@ class Settings(_Model):
         if (twin := _first_duplicate(item.client_id for item in items)) is not None:
             raise ValueError(f"two clients share the client_id {twin!r}")
         return items
+
+    @model_validator(mode="after")
+    def _lti_keys(self) -> Settings:
+        # LTI platforms verify tool JWTs (Deep Linking, client assertions) with RS256 only.
+        if self.keys.algorithm != "RS256" and any(u.type == "lti" for u in self.upstreams):
+            raise ValueError('an LTI upstream needs [keys] algorithm = "RS256"')
+        return self
 
     @field_validator("upstreams", "backends")
     @classmethod

@@ -6,4 +6,10 @@ pytest_plugins = [
     "tests.peers.broker",
     "tests.peers.moto",
     "tests.peers.keystone",
+    "tests.peers.lti_platform",
+    "tests.peers.git_http",
+    "tests.peers.github_api",
+    "tests.peers.gitlab_api",
+    "tests.peers.bitbucket_api",
+    "tests.peers.globus_auth",
 ]

@@ -111,7 +111,8 @@ def builtin_clients(
     """`broker-cli`: the public client the `broker login` command uses (device flow). Its
     tokens are addressed to the broker itself and may carry `launch:<backend>` for every
     configured backend, so `broker credentials` can call `/v1/credentials` with them, and
-    `repo:read` for `broker git-credential` (the git gateway)."""
+    `repo:read` for `broker git-credential` (the git gateway), `grants` and `secrets` for
+    `/v1/grants` and `/v1/secrets`."""
     if not cli_client:
         return []
     return [
@@ -121,6 +122,7 @@ def builtin_clients(
             auth_method="none",
             grant_types=["urn:ietf:params:oauth:grant-type:device_code", "refresh_token"],
             scopes=["openid", "profile", "email", "groups", "offline_access", "repo:read"]
+            + ["grants", "secrets"]
             + [f"launch:{backend}" for backend in backends],
             audiences=[issuer] if issuer else [],
             first_party=True,

@@ -19,6 +19,7 @@ from adapters.base import (
     FormPost,
     LocalForm,
     LoginFlow,
+    PlatformInitiated,
     Principal,
     Redirect,
     ServesMetadata,
@@ -98,13 +99,18 @@ async def chooser(request: web.Request) -> web.StreamResponse:
                 raise NotFound("That institution is not in this federation.")
             return await _begin(request, svc, upstream, next_url, entity)
         only = upstream
-    choices = [only] if only else list(svc.upstreams.values())
+    choices = [only] if only else offered_upstreams(svc)
     if len(choices) == 1:
         single = await _single_choice(choices[0])
         if single is not None:
             return await _begin(request, svc, choices[0], next_url, single)
     body = await _chooser_body(request, svc, choices, next_url)
     return render(request, "Sign in", body, script=_TYPE_AHEAD if "data-idps" in body else "")
+
+
+def offered_upstreams(svc: Services) -> list[Upstream]:
+    """The upstreams a browser may pick (not those whose sign-ins start at a platform)."""
+    return [u for u in svc.upstreams.values() if not isinstance(u, PlatformInitiated)]
 
 
 async def _single_choice(upstream: Upstream) -> str | None:

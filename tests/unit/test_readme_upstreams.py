@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from broker.settings import OidcUpstreamConfig, SamlUpstreamConfig, SettingsError, parse_settings
+from broker.settings import (
+    GlobusUpstreamConfig,
+    LtiUpstreamConfig,
+    OidcUpstreamConfig,
+    SamlUpstreamConfig,
+    SettingsError,
+    parse_settings,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MINIMAL: dict[str, Any] = {
@@ -33,12 +40,15 @@ def test_readme_upstream_examples_validate(block: str) -> None:
     data = copy.deepcopy(MINIMAL) | tomllib.loads(block)
     settings = parse_settings(data, mode="production")
     [upstream] = settings.upstreams
-    assert isinstance(upstream, OidcUpstreamConfig | SamlUpstreamConfig)
+    assert isinstance(
+        upstream,
+        OidcUpstreamConfig | SamlUpstreamConfig | LtiUpstreamConfig | GlobusUpstreamConfig,
+    )
 
 
-def test_the_readme_shows_oidc_saml_and_a_federation() -> None:
+def test_the_readme_shows_every_upstream_type_and_a_federation() -> None:
     kinds = [tomllib.loads(b)["upstreams"][0] for b in _readme_upstream_blocks()]
-    assert {k["type"] for k in kinds} == {"oidc", "saml"}
+    assert {k["type"] for k in kinds} == {"oidc", "saml", "lti", "globus"}
     assert any(k["type"] == "saml" and "idp" not in k for k in kinds)  # a whole federation
 
 
@@ -99,4 +109,5 @@ def test_readme_backend_examples_validate() -> None:
     for block in blocks:
         settings = parse_settings(copy.deepcopy(MINIMAL) | tomllib.loads(block), mode="production")
         kinds += [b.type for b in settings.backends]
-    assert sorted(kinds) == ["aws", "openstack"]
+    # Every block validated above; each documented backend type has its example.
+    assert {"aws", "openstack", "github", "gitlab", "bitbucket", "git", "globus"} <= set(kinds)

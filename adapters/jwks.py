@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
+import jwt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
@@ -31,9 +32,9 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
-from adapters.errors import InvalidToken, UpstreamFailed
+from adapters.errors import InvalidRequest, InvalidToken, UpstreamFailed
 
-__all__ = ["ASYMMETRIC_ALGS", "JwksCache", "PublicKey"]
+__all__ = ["ASYMMETRIC_ALGS", "JwksCache", "PublicKey", "decode_signed"]
 
 log = structlog.get_logger(__name__)
 
@@ -193,6 +194,38 @@ class JwksCache:
         if match is None:
             return self._default_ttl
         return min(max(float(match.group(1)), self._min_ttl), self._max_ttl)
+
+
+async def decode_signed(
+    token: str, jwks: JwksCache, *, algs: tuple[str, ...], audience: str, issuer: str,
+    leeway: float, require: list[str], refusal: str, what: str = "id_token",
+) -> dict[str, Any]:  # fmt: skip
+    """The claims of a JWT signed by a key of `jwks`, with one of `algs`, for `audience` from
+    `issuer`, carrying every `require`d claim; else InvalidRequest(`refusal`) with the reason
+    in `log_detail` only. The alg is checked before any key is looked up, so "none" and an
+    HMAC keyed with a public key never reach a verifier."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError as error:
+        raise InvalidRequest(refusal, log_detail=f"{what} header: {error}") from None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algs:
+        raise InvalidRequest(refusal, log_detail=f"{what} alg {str(alg)[:20]!r} not in {algs}")
+    kid = header.get("kid")
+    try:
+        key = await jwks.key_for(kid if isinstance(kid, str) else None, alg)
+    except InvalidToken as error:
+        raise InvalidRequest(refusal, log_detail=f"{what}: {error.log_detail}") from None
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token, key, algorithms=[alg], audience=audience, issuer=issuer, leeway=leeway,
+            options={"require": require},
+        )  # fmt: skip
+    except jwt.InvalidTokenError as error:
+        raise InvalidRequest(
+            refusal, log_detail=f"{what}: {type(error).__name__}: {error}"
+        ) from None
+    return claims
 
 
 def _parse(jwk: Any) -> _Key | None:

@@ -158,18 +158,7 @@ async def issue_credential(
         limits=decision.limits, policy_ids=decision.reasons, ttl=ttl, role=request.role,
         project=request.project, resources=request.resources.model_dump(), client=client_id,
     )  # fmt: skip
-    issued_at = datetime.now(UTC)
-    try:
-        credential = await backend.issue(grant)
-    except BrokerError as error:
-        await svc.audit.append(
-            "credential.failed", outcome="failure", actor=principal.id, error=error.error,
-            reason=error.log_detail[:300] or error.description[:300], **audit,
-        )  # fmt: skip
-        raise
-    return await _record(svc, backend, principal, client_id, request, credential,
-                         issued_at=issued_at, ttl=ttl, max_ttl=max_ttl, audit=audit,
-                         policies=decision.reasons)  # fmt: skip
+    return await _issue(svc, backend, grant, request, max_ttl=max_ttl, audit=audit)
 
 
 async def _issue_repo_credential(
@@ -195,6 +184,16 @@ async def _issue_repo_credential(
         principal=principal, action="read_repo", resource=f"{ref.forge_owner}/{ref.name}",
         limits=decision.limits, policy_ids=decision.reasons, ttl=ttl, client=client_id,
     )  # fmt: skip
+    return await _issue(svc, backend, grant, request, max_ttl=max_ttl, audit=audit)
+
+
+async def _issue(
+    svc: Services, backend: Backend, grant: Grant, request: CredentialRequest, *,
+    max_ttl: int | None, audit: dict[str, Any],
+) -> IssuedCredential:  # fmt: skip
+    """Have the backend issue; refuse a credential that outlives the policy, else store its
+    lease and audit. A backend's failure is audited too."""
+    principal, client_id, ttl = grant.principal, grant.client, grant.ttl
     issued_at = datetime.now(UTC)
     try:
         credential = await backend.issue(grant)
@@ -204,17 +203,6 @@ async def _issue_repo_credential(
             reason=error.log_detail[:300] or error.description[:300], **audit,
         )  # fmt: skip
         raise
-    return await _record(svc, backend, principal, client_id, request, credential,
-                         issued_at=issued_at, ttl=ttl, max_ttl=max_ttl, audit=audit,
-                         policies=decision.reasons)  # fmt: skip
-
-
-async def _record(
-    svc: Services, backend: Backend, principal: Principal, client_id: str | None,
-    request: CredentialRequest, credential: Credential, *, issued_at: datetime, ttl: int,
-    max_ttl: int | None, audit: dict[str, Any], policies: tuple[str, ...],
-) -> IssuedCredential:  # fmt: skip
-    """Refuse a credential that outlives the policy, else store its lease and audit."""
     ceiling = issued_at + timedelta(seconds=(max_ttl or MAX_DURATION) + 5)
     if credential.expires_at > ceiling:
         # A backend must never outlive the policy; take the credential back if it can.
@@ -242,7 +230,7 @@ async def _record(
         credential=credential,
         requested_duration=request.duration,
         clipped=ttl < request.duration,
-        policies=policies,
+        policies=grant.policy_ids,
     )
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -45,9 +44,9 @@ from urllib.parse import quote
 import aiohttp
 
 from adapters.base import GitRemote, Permission, RepoFacts
+from adapters.downstream.forge_api import Answer, call, check
 from adapters.errors import InvalidRequest, NotFound, UpstreamFailed
 
-_TIMEOUT = aiohttp.ClientTimeout(total=20)
 _PAGE_LIMIT = 100
 _MAX_PAGES = 50  # a filter by exact user name should never need more
 
@@ -59,20 +58,6 @@ _RANK: dict[str, tuple[int, Permission]] = {
     "REPO_ADMIN": (3, "admin"),
     "PROJECT_ADMIN": (3, "admin"),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    status: int
-    body: Any
-
-    @property
-    def message(self) -> str:
-        if isinstance(self.body, dict) and isinstance(self.body.get("errors"), list):
-            return "; ".join(
-                str(e.get("message", ""))[:200] for e in self.body["errors"] if isinstance(e, dict)
-            )
-        return ""
 
 
 class BitbucketHost:
@@ -195,41 +180,21 @@ class BitbucketHost:
 
     async def _call(
         self, method: str, path: str, *, params: dict[str, str] | None = None, json: Any = None
-    ) -> _Answer:
-        headers = {"Authorization": self._authorization, "Accept": "application/json"}
-        try:
-            async with self._http.request(
-                method, f"{self._url}{path}", headers=headers, params=params, json=json,
-                timeout=_TIMEOUT,
-            ) as response:  # fmt: skip
-                body: Any = None
-                if response.status != 204:
-                    try:
-                        body = await response.json(content_type=None)
-                    except ValueError:
-                        body = None
-                return _Answer(response.status, body)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            # never chain: aiohttp's request_info holds the Authorization header
-            raise UpstreamFailed(
-                "Bitbucket is unreachable",
-                log_detail=f"backend {self.id}: {method} {path}: {type(error).__name__}",
-            ) from None
+    ) -> Answer:
+        return await call(
+            self._http, method, f"{self._url}{path}", params=params, json=json,
+            headers={"Authorization": self._authorization, "Accept": "application/json"},
+            forge="Bitbucket", backend=self.id,
+        )  # fmt: skip
 
-    def _check(self, answer: _Answer, what: str, *, require_body: bool = True) -> None:
-        if 200 <= answer.status < 300 and (not require_body or isinstance(answer.body, dict)):
-            return
-        detail = f"backend {self.id}: {answer.status} {answer.message}"
-        if answer.status == 404:
-            raise NotFound(f"{what} is not known at {self.id}", log_detail=detail)
-        if answer.status == 401:
-            raise UpstreamFailed("Bitbucket refused the broker's credentials", log_detail=detail)
-        if answer.status == 403:
-            raise UpstreamFailed(
-                "Bitbucket refused the broker's request (its permission on the repository)",
-                log_detail=detail,
-            )
-        raise UpstreamFailed(f"Bitbucket failed ({answer.status})", log_detail=detail)
+    def _check(self, answer: Answer, what: str, *, require_body: bool = True) -> None:
+        check(
+            answer, what, forge="Bitbucket", backend=self.id,
+            body_type=dict if require_body else None, refusals={
+                401: "Bitbucket refused the broker's credentials",
+                403: "Bitbucket refused the broker's request (its permission on the repository)",
+            },
+        )  # fmt: skip
 
 
 def _key(owner: str) -> str:

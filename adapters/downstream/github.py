@@ -42,13 +42,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from adapters.base import GitRemote, Permission, RepoFacts
+from adapters.downstream.forge_api import Answer, call, check
 from adapters.errors import ConfigurationError, NotFound, UpstreamFailed
 
 JWT_BACKDATE = 60  # GitHub's advice: iat 60 s in the past against clock drift
 JWT_LIFETIME = 540  # exp = now + 9 min: GitHub refuses exp more than 10 min after iat
 INSTALLATION_TTL = 300.0  # seconds an installation id is trusted before looking again
 TOKEN_MARGIN = 300.0  # an API token is replaced this many seconds before it expires
-_TIMEOUT = aiohttp.ClientTimeout(total=20)
 _API_VERSION = "2022-11-28"
 
 _ROLES: dict[str, Permission] = {
@@ -64,20 +64,6 @@ _ROLES: dict[str, Permission] = {
 class _Token:
     value: str
     expires_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """What is kept of a GitHub answer: the status, the parsed body and GitHub's message."""
-
-    status: int
-    body: Any
-
-    @property
-    def message(self) -> str:
-        if isinstance(self.body, dict):
-            return str(self.body.get("message", ""))[:300]
-        return ""
 
 
 class GitHubAppHost:
@@ -243,44 +229,24 @@ class GitHubAppHost:
         app: bool = False,
         token: str | None = None,
         json: Any = None,
-    ) -> _Answer:
+    ) -> Answer:
         headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": _API_VERSION}
         if app:
             headers["Authorization"] = f"Bearer {self.app_jwt()}"
         elif token is not None:
             headers["Authorization"] = f"token {token}"
-        try:
-            async with self._http.request(
-                method, f"{self._api}{path}", headers=headers, json=json, timeout=_TIMEOUT
-            ) as response:
-                body: Any = None
-                if response.status != 204:
-                    try:
-                        body = await response.json(content_type=None)
-                    except ValueError:
-                        body = None
-                return _Answer(response.status, body if body is not None else {})
-        except (aiohttp.ClientError, TimeoutError) as error:
-            # never chain: aiohttp's request_info holds the Authorization header
-            raise UpstreamFailed(
-                "GitHub is unreachable",
-                log_detail=f"backend {self.id}: {method} {path}: {type(error).__name__}",
-            ) from None
+        answer = await call(
+            self._http, method, f"{self._api}{path}", headers=headers, json=json,
+            forge="GitHub", backend=self.id,
+        )  # fmt: skip
+        return answer if answer.body is not None else Answer(answer.status, {})
 
-    def _check(self, answer: _Answer, what: str) -> None:
+    def _check(self, answer: Answer, what: str) -> None:
         """Raise the broker error for a non-2xx answer."""
-        if 200 <= answer.status < 300 and isinstance(answer.body, dict):
-            return
-        detail = f"backend {self.id}: {answer.status} {answer.message}"
-        if answer.status == 404:
-            raise NotFound(f"{what} is not known at {self.id}", log_detail=detail)
-        if answer.status == 401:
-            raise UpstreamFailed("GitHub refused the broker's App credentials", log_detail=detail)
-        if answer.status == 403:
-            raise UpstreamFailed(
-                "GitHub refused the request (permissions or rate limit)", log_detail=detail
-            )
-        raise UpstreamFailed(f"GitHub failed ({answer.status})", log_detail=detail)
+        check(answer, what, forge="GitHub", backend=self.id, refusals={
+            401: "GitHub refused the broker's App credentials",
+            403: "GitHub refused the request (permissions or rate limit)",
+        })  # fmt: skip
 
 
 def _repo_path(owner: str, name: str) -> str:

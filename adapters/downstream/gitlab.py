@@ -34,7 +34,6 @@ decides; the forge's own check still applies to anything the user does upstream.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
@@ -42,25 +41,12 @@ from urllib.parse import quote
 import aiohttp
 
 from adapters.base import GitRemote, Permission, RepoFacts
-from adapters.errors import AccessDenied, InvalidRequest, NotFound, UpstreamFailed
+from adapters.downstream.forge_api import Answer, call, check
+from adapters.errors import AccessDenied, InvalidRequest, UpstreamFailed
 
 TokenKind = Literal["project_access_token", "deploy_token"]
 
-_TIMEOUT = aiohttp.ClientTimeout(total=20)
 _READ_LEVEL, _WRITE_LEVEL = 20, 30  # Reporter may pull, Developer may push
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    status: int
-    body: Any
-
-    @property
-    def message(self) -> str:
-        if isinstance(self.body, dict):
-            found = self.body.get("message", self.body.get("error", ""))
-            return str(found)[:300]
-        return ""
 
 
 class GitLabHost:
@@ -187,44 +173,19 @@ class GitLabHost:
     # -- HTTP ----------------------------------------------------------------------------
     async def _call(
         self, method: str, path: str, *, params: dict[str, str] | None = None, json: Any = None
-    ) -> _Answer:
-        headers = {"PRIVATE-TOKEN": self._token, "Accept": "application/json"}
-        try:
-            async with self._http.request(
-                method, f"{self._api}{path}", headers=headers, params=params, json=json,
-                timeout=_TIMEOUT,
-            ) as response:  # fmt: skip
-                body: Any = None
-                if response.status != 204:
-                    try:
-                        body = await response.json(content_type=None)
-                    except ValueError:
-                        body = None
-                return _Answer(response.status, body)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            # never chain: aiohttp's request_info holds the PRIVATE-TOKEN header
-            raise UpstreamFailed(
-                "GitLab is unreachable",
-                log_detail=f"backend {self.id}: {method} {path}: {type(error).__name__}",
-            ) from None
+    ) -> Answer:
+        return await call(
+            self._http, method, f"{self._api}{path}", params=params, json=json,
+            headers={"PRIVATE-TOKEN": self._token, "Accept": "application/json"},
+            forge="GitLab", backend=self.id,
+        )  # fmt: skip
 
-    def _check(self, answer: _Answer, what: str, *, body_type: type | None = dict) -> None:
-        ok = 200 <= answer.status < 300
-        if ok and (body_type is None or isinstance(answer.body, body_type)):
-            return
-        detail = f"backend {self.id}: {answer.status} {answer.message}"
-        if answer.status == 404:
-            raise NotFound(f"{what} is not known at {self.id}", log_detail=detail)
-        if answer.status == 401:
-            raise UpstreamFailed("GitLab refused the broker's token", log_detail=detail)
-        if answer.status == 403:
-            raise UpstreamFailed(
-                "GitLab refused the broker's request (its role on the project)",
-                log_detail=detail,
-            )
-        if answer.status == 400:
-            raise UpstreamFailed("GitLab refused the token request", log_detail=detail)
-        raise UpstreamFailed(f"GitLab failed ({answer.status})", log_detail=detail)
+    def _check(self, answer: Answer, what: str, *, body_type: type | None = dict) -> None:
+        check(answer, what, forge="GitLab", backend=self.id, body_type=body_type, refusals={
+            400: "GitLab refused the token request",
+            401: "GitLab refused the broker's token",
+            403: "GitLab refused the broker's request (its role on the project)",
+        })  # fmt: skip
 
 
 def _project(owner: str, name: str) -> str:

@@ -433,13 +433,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
                 log_detail="the sign-in flow was completed concurrently",
             )
     except BrokerError as error:
-        await svc.audit.append(
-            "sign_in",
-            outcome="rejected",
-            idp=upstream.id,
-            error=error.error,
-            reason=error.log_detail[:500] or error.description[:500],
-        )
+        await audit_refused_sign_in(svc, upstream.id, error)
         raise
     await authorize_sign_in(svc, principal)
     _session, cookie = await svc.sessions.create(principal)
@@ -447,6 +441,14 @@ async def callback(request: web.Request) -> web.StreamResponse:
     set_cookie(response, svc, SESSION_COOKIE, cookie, svc.sessions.ttl)
     response.del_cookie(FLOW_COOKIE, path="/")
     return response
+
+
+async def audit_refused_sign_in(svc: Services, idp: str, error: BrokerError) -> None:
+    """The audit record of a sign-in an upstream's answer failed (never a secret)."""
+    await svc.audit.append(
+        "sign_in", outcome="rejected", idp=idp, error=error.error,
+        reason=error.log_detail[:500] or error.description[:500],
+    )  # fmt: skip
 
 
 async def authorize_sign_in(svc: Services, principal: Principal) -> None:

@@ -33,6 +33,7 @@ from broker.pages import esc, origin_of, render
 from broker.routes.issuer import jwks
 from broker.routes.login import (
     HANDOFF_TTL,
+    audit_refused_sign_in,
     authorize_sign_in,
     current_session,
     read_form,
@@ -65,13 +66,7 @@ async def _params(request: web.Request) -> dict[str, str]:
 
 
 async def _reject(svc: Services, upstream: LtiUpstream, error: BrokerError) -> None:
-    await svc.audit.append(
-        "sign_in",
-        outcome="rejected",
-        idp=upstream.id,
-        error=error.error,
-        reason=error.log_detail[:500] or error.description[:500],
-    )
+    await audit_refused_sign_in(svc, upstream.id, error)
 
 
 async def login(request: web.Request) -> web.StreamResponse:

@@ -4,6 +4,7 @@ audited), Cedar `read_repo` decides a repo credential, and `RepoRef` refuses bad
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ from broker.repos import RepoRef
 from broker.services import Services
 from tests.peers.broker import ContractClient, audit_events, make_settings, start_broker
 
-ADA = Principal(idp="dev", issuer="urn:binder-broker:dev", subject="ada", groups=("lab",))
+# The OpenBao server (and so the Vault paths) is shared by the whole session: names of our own.
+RUN = secrets.token_hex(4)
+ADA = Principal(idp="dev", issuer="urn:binder-broker:dev", subject=f"ada-{RUN}", groups=("lab",))
+ORG = f"lab-{RUN}"
 ROOT = Principal(
-    idp="dev", issuer="urn:binder-broker:dev", subject="root", groups=("broker-admins",),
+    idp="dev", issuer="urn:binder-broker:dev", subject=f"root-{RUN}", groups=("broker-admins",),
     mfa=True,
 )  # fmt: skip
 PASSWORD = "campus-git-password-0123456789"
@@ -98,8 +102,8 @@ async def test_a_stored_git_secret_is_used_but_never_shown(
 
 async def test_an_organisation_secret_needs_admin(api: tuple[Services, ContractClient]) -> None:
     svc, client = api
-    body = {"password": PASSWORD, "scope": "organisation", "organisation": "lab"}
-    path = org_secret_path(svc.settings.vault.prefix, "campus", "lab")
+    body = {"password": PASSWORD, "scope": "organisation", "organisation": ORG}
+    path = org_secret_path(svc.settings.vault.prefix, "campus", ORG)
     refused = await client.request(
         "PUT", "/v1/secrets/campus", json=body, headers=await bearer(svc, ADA)
     )

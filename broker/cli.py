@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstreams",
         metavar="FILE",
         help="a TOML file of [[upstreams]] (OIDC providers, SAML IdPs or federations) to offer "
-        "beside the dev sign-in; a SAML entry may leave out sp_key/sp_cert to use a generated pair",
+        "beside the dev sign-in (a SAML entry may leave out sp_key/sp_cert to use a generated "
+        "pair), [[backends]] (repository hosts, clouds) to try, [policy] and [grants]",
     )
     _loop_option(p)
     p.set_defaults(func=cmd_dev)

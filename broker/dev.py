@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import tomllib
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,21 +49,27 @@ def _free_port(host: str) -> int:
         return port
 
 
-def read_extra_upstreams(path: Path) -> list[dict[str, Any]]:
-    """The `[[upstreams]]` of a TOML file given to `broker dev --upstreams`."""
+_EXTRA_LISTS = ("upstreams", "backends")
+_EXTRA_TABLES = ("policy", "grants")
+
+
+def read_extra_settings(path: Path) -> dict[str, Any]:
+    """What a TOML file given to `broker dev --upstreams` adds to the dev settings:
+    `[[upstreams]]` (OIDC providers, SAML IdPs), `[[backends]]` (repository hosts, clouds),
+    `[policy]` (a directory of your own Cedar policies) and `[grants]`."""
     try:
         data = tomllib.loads(path.read_text("utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise SettingsError(str(path), [str(error)]) from None
-    unknown = sorted(set(data) - {"upstreams"})
+    allowed = _EXTRA_LISTS + _EXTRA_TABLES
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise SettingsError(
-            str(path), [f"only [[upstreams]] belong here, not {', '.join(unknown)}"]
-        )
-    upstreams = data.get("upstreams", [])
-    if not isinstance(upstreams, list):
-        raise SettingsError(str(path), ["upstreams must be a list of tables ([[upstreams]])"])
-    return upstreams
+        problem = f"only {', '.join(allowed)} belong here, not {', '.join(unknown)}"
+        raise SettingsError(str(path), [problem])
+    for key in _EXTRA_LISTS:
+        if not isinstance(data.get(key, []), list):
+            raise SettingsError(str(path), [f"{key} must be a list of tables ([[{key}]])"])
+    return data
 
 
 def dev_saml_pair(state: Path) -> tuple[Path, Path]:
@@ -114,9 +119,11 @@ def write_dev_settings(
     vault_address: str,
     role_id: str,
     secret_id: str,
-    upstreams: Sequence[dict[str, Any]] = (),
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the dev settings file and the AppRole secret (0600) under `state`."""
+    """Write the dev settings file and the AppRole secret (0600) under `state`; `extra` is
+    what `read_extra_settings` returned."""
+    extra = extra or {}
     secret_file = state / "vault-secret-id"
     secret_file.touch(mode=0o600, exist_ok=True)
     secret_file.chmod(0o600)
@@ -139,8 +146,10 @@ def write_dev_settings(
         "database": {"url": f"sqlite:///{state / 'broker.db'}"},
         "cache": {"url": "memory://"},
         "audit": {"path": str(state / "audit.log")},
-        "upstreams": [{"type": "dev", "id": "dev"}] + [_with_dev_sp(u, state) for u in upstreams],
-    }
+        "upstreams": [{"type": "dev", "id": "dev"}]
+        + [_with_dev_sp(u, state) for u in extra.get("upstreams", [])],
+        "backends": list(extra.get("backends", [])),
+    } | {key: extra[key] for key in _EXTRA_TABLES if key in extra}
     path = state / "broker.toml"
     path.write_text(
         "# Written by `broker dev`; rewritten on every start.\n" + tomli_w.dumps(settings),
@@ -193,7 +202,7 @@ async def run_dev(
     """Run until SIGINT/SIGTERM. Returns the process exit code."""
     configure_logging("info")
     state = await asyncio.to_thread(_prepare_state, state)
-    extra = read_extra_upstreams(upstreams) if upstreams else []
+    extra = read_extra_settings(upstreams) if upstreams else {}
     if port == 0 or not _port_free(host, port):
         chosen = _free_port(host)
         if port:
@@ -209,7 +218,7 @@ async def run_dev(
         auth = await provision(vault.address, vault.root_token)
         settings_path = write_dev_settings(
             state, host=host, port=port, vault_address=vault.address,
-            role_id=auth.role_id, secret_id=auth.secret_id, upstreams=extra,
+            role_id=auth.role_id, secret_id=auth.secret_id, extra=extra,
         )  # fmt: skip
         settings = load_settings(settings_path, mode="dev")
         db = Database(settings.database.url)

@@ -216,7 +216,8 @@ async def _require(
     return decision.reasons
 
 
-async def _may(svc: Services, principal: Principal, repo: str, action: str) -> bool:
+async def may(svc: Services, principal: Principal, repo: str, action: str) -> bool:
+    """Whether Cedar allows `action` (grant_repo, see_reviewers) on `repo` for `principal`."""
     return (await decide(svc, principal, RepoRef.parse(repo), action)).allowed
 
 
@@ -349,8 +350,8 @@ async def list_grants(
             allowed[name] = (False, False)  # a backend since removed from the settings
             continue
         allowed[name] = (
-            await _may(svc, principal, name, "grant_repo"),
-            await _may(svc, principal, name, "see_reviewers"),
+            await may(svc, principal, name, "grant_repo"),
+            await may(svc, principal, name, "see_reviewers"),
         )
     visible = [r for r in records if allowed[r.repo][0]]
     redemptions = await _redemptions(svc, (r.id for r in visible))
@@ -404,7 +405,7 @@ async def revoke_grant(svc: Services, principal: Principal, grant_id: str) -> di
         "grant.revoked", outcome="success", actor=principal.id, grant=record.id,
         repo=record.repo, revoked_jti=[r.token_jti for r in live],
     )  # fmt: skip
-    identities = await _may(svc, principal, record.repo, "see_reviewers")
+    identities = await may(svc, principal, record.repo, "see_reviewers")
     return grant_view(
         record, rows, identities=identities,
         reveal_reviewer=identities or record.created_by == principal.id,

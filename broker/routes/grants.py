@@ -73,8 +73,11 @@ def _parse(document: dict[str, Any]) -> GrantRequest:
         raise InvalidRequest(f"the request is not valid: {_problems(error)}") from None
 
 
-def _created_body(svc: Services, created: grants.Created, principal: Principal) -> dict[str, Any]:
-    view = grants.grant_view(created.record, [], identities=False, reveal_reviewer=True)
+async def _created_body(
+    svc: Services, created: grants.Created, principal: Principal
+) -> dict[str, Any]:
+    identities = await grants.may(svc, principal, created.record.repo, "see_reviewers")
+    view = grants.grant_view(created.record, [], identities=identities, reveal_reviewer=True)
     return view | {
         "url": grants.capability_url(svc, created.secret),
         "clone_url": grants.clone_url(svc, created.record.repo),
@@ -88,7 +91,7 @@ async def api_create(request: web.Request) -> web.Response:
     principal = await _caller(svc, request)
     body = _parse(await read_json_object(request, "the grant"))
     created = await grants.create_grant(svc, principal, body)
-    return _json(_created_body(svc, created, principal), status=201)
+    return _json(await _created_body(svc, created, principal), status=201)
 
 
 async def api_list(request: web.Request) -> web.Response:

@@ -157,7 +157,9 @@ async def test_login_then_token(live_broker: LiveFactory) -> None:
     # Addressed to the broker itself, with every scope the CLI client may ask for by default.
     claims = live.svc.tokens.verify(token, audience=live.issuer)
     assert claims["client_id"] == CLI_CLIENT_ID
-    assert claims["scope"] == "openid profile email groups offline_access"
+    assert claims["scope"] == (
+        "openid profile email groups offline_access repo:read grants secrets"
+    )
     # Still fresh (ttl 600 s): printed as stored, no refresh.
     assert token == entry["access_token"]
     assert stored(live) == data

@@ -218,7 +218,9 @@ async def test_device_flow_end_to_end(api_for: Any) -> None:
     claims = svc.tokens.verify(body["access_token"], audience=svc.tokens.issuer)
     principal_id = claims["sub"]
     assert claims["client_id"] == CLI_CLIENT_ID
-    assert claims["scope"] == "openid profile email groups offline_access"
+    assert claims["scope"] == (
+        "openid profile email groups offline_access repo:read grants secrets"
+    )
     assert claims["groups"] == ["students"]
     id_claims = svc.tokens.verify(body["id_token"], audience=CLI_CLIENT_ID, kind="id")
     assert id_claims["sub"] == principal_id and id_claims["preferred_username"] == "alice"

@@ -29,7 +29,7 @@ import structlog
 from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.base import Principal
-from adapters.downstream.git_host import org_secret_path
+from adapters.downstream.git_host import org_secret_path, user_secret_path
 from adapters.vault import AppRoleAuth
 from broker.app import app_with_services
 from broker.cli_client import TokenStore
@@ -85,6 +85,9 @@ async def open_gateway(
     svc = await start_broker(settings, dev_mode=False)
     try:
         await remember_principal(svc, ADA)
+        # The OpenBao server is the session's: no user secret of an earlier test may win over
+        # the organisation's.
+        await svc.vault.kv_delete(user_secret_path(svc.settings.vault.prefix, BACKEND, ADA.id))
         await svc.vault.kv_write(
             org_secret_path(svc.settings.vault.prefix, BACKEND, OWNER),
             {"username": git_peer.username, "password": git_peer.password},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -257,20 +257,23 @@ async def test_github_wrong_app_credentials_are_upstream_failed(
     assert_no_secret(refused.value, [r.authorization or "-" for r in github_api.requests])
 
 
+# Claims as functions of the current time: parameters are collected long before a test runs.
 @pytest.mark.parametrize(
-    ("claims", "message"),
+    ("claims_at", "message"),
     [
-        pytest.param({"exp": int(time.time()) + 1200}, "too far", id="exp-20-min"),
-        pytest.param({"iat": int(time.time()) + 300}, "Issued at", id="iat-future"),
-        pytest.param({"exp": int(time.time()) - 5}, "future time", id="expired"),
-        pytest.param({"iss": "999"}, "Integration not found", id="wrong-iss"),
-        pytest.param({"iat": "yesterday"}, "Issued at", id="iat-not-integer"),
+        pytest.param(lambda now: {"exp": now + 1200}, "too far", id="exp-20-min"),
+        pytest.param(lambda now: {"iat": now + 300}, "Issued at", id="iat-future"),
+        pytest.param(lambda now: {"exp": now - 5}, "future time", id="expired"),
+        pytest.param(lambda now: {"iss": "999"}, "Integration not found", id="wrong-iss"),
+        pytest.param(lambda now: {"iat": "yesterday"}, "Issued at", id="iat-not-integer"),
     ],
 )
 async def test_github_stand_in_checks_the_app_jwt_like_github(
-    github_api: GitHubApi, http: aiohttp.ClientSession, claims: dict[str, object], message: str
-) -> None:
+    github_api: GitHubApi, http: aiohttp.ClientSession,
+    claims_at: Callable[[int], dict[str, object]], message: str,
+) -> None:  # fmt: skip
     """The stand-in is itself the verifier the adapter is tested against: check it."""
+    claims = claims_at(int(time.time()))
     github_world(github_api)
     url = f"{github_api.api_url}/repos/lab/paper/installation"
     headers = {"Authorization": f"Bearer {github_api.app_jwt()}"}

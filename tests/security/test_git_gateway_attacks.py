@@ -372,3 +372,6 @@ async def test_an_upstream_refusing_the_secret_is_a_502_that_echoes_nothing(
     [seen] = forwarded(gw, name)
     assert seen["authorized"] is False  # it did reach the host, with the stored secret
     assert not [r for r in audit_events(gw.svc, "repo.read") if r["data"]["jti"] == jti]
+    await gw.svc.vault.kv_delete(  # the OpenBao server is shared by the whole session
+        user_secret_path(gw.svc.settings.vault.prefix, BACKEND, CAROL.id)
+    )

@@ -16,6 +16,10 @@ share the machine's 2 cores with moto, so only the ratio within one run means an
     python bench/credentials_aws.py                      # 3 rounds x 8 s, concurrency 8
     python bench/credentials_aws.py --smoke              # 1 round x 2 s
     python bench/credentials_aws.py --database postgresql://postgres@127.0.0.1:5432
+    python bench/credentials_aws.py --loop asyncio       # both sides on asyncio's own loop
+
+`--loop` (default uvloop, as `broker serve` runs) is the event loop of the broker process and
+of this one, so the direct aioboto3 call and the broker run on the same kind of loop.
 """
 
 from __future__ import annotations
@@ -31,15 +35,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ROLE_ARN = "arn:aws:iam::111111111111:role/binder-bench"
 SUBJECT = "bench-user"
+
+
+def run(main: Coroutine[Any, Any, int | None], loop: str) -> int | None:
+    """Run `main` on a new event loop of the kind `loop` names ("uvloop" or "asyncio")."""
+    if loop == "uvloop":
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 @dataclass
@@ -166,6 +183,7 @@ async def main(args: argparse.Namespace) -> int:
         broker = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(config), str(port), str(token_file)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "BENCH_LOOP": args.loop},
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while not token_file.exists():
@@ -243,7 +261,7 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> None:
     print(
         f"# {platform.node()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, "
         f"{args.rounds} rounds x {args.duration}s, concurrency {args.concurrency}, "
-        f"database {args.database.split('://')[0]}; medians"
+        f"database {args.database.split('://')[0]}, event loop {args.loop} on both sides; medians"
     )
     print(f"{'target':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for label in ("broker", "direct"):
@@ -269,7 +287,8 @@ if __name__ == "__main__":
                 os.environ["BENCH_PROFILE"],
             )
         else:
-            asyncio.run(serve_broker(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+            serving = serve_broker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+            run(serving, os.environ.get("BENCH_LOOP", "asyncio"))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -277,7 +296,11 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--database", default="sqlite", help="sqlite, or a PostgreSQL server URL")
     parser.add_argument("--smoke", action="store_true", help="1 round x 2 s")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop",
+        help="event loop of the broker and of this process (the direct call)",
+    )  # fmt: skip
     parsed = parser.parse_args()
     if parsed.smoke:
         parsed.rounds, parsed.duration = 1, 2.0
-    sys.exit(asyncio.run(main(parsed)))
+    sys.exit(run(main(parsed), parsed.loop))

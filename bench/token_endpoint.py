@@ -25,6 +25,7 @@ servers, so only ratios within one run mean anything.
     python bench/token_endpoint.py                 # 3 rounds x 5 s, c=32 and c=128
     python bench/token_endpoint.py --smoke         # CI: 1 round x 2 s, c=32, < 60 s
     python bench/token_endpoint.py --database postgresql://postgres@127.0.0.1:5432
+    python bench/token_endpoint.py --loop asyncio  # brokers and (a) on asyncio's own loop
 """
 
 from __future__ import annotations
@@ -197,16 +198,26 @@ class Brokers:
     idle_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
-def serve_supports_reuse_port() -> bool:
-    out = subprocess.run(
+def serve_options() -> str:
+    return subprocess.run(
         [BROKER, "serve", "--help"], capture_output=True, text=True, check=False
     ).stdout
-    return "--reuse-port" in out
+
+
+def bare_argv(loop: str) -> list[str]:
+    """The bare peer on `loop`: the broker and its baseline must run on the same event loop."""
+    if loop != "uvloop":
+        return [sys.executable, str(BARE)]
+    # uvloop's policy makes aiohttp's run_app build a uvloop loop; the peer itself is unchanged.
+    start = "import runpy, sys, uvloop; uvloop.install(); sys.argv = sys.argv[1:]; "
+    return [sys.executable, "-c", start + "runpy.run_path(sys.argv[0], run_name='__main__')",
+            str(BARE)]  # fmt: skip
 
 
 def start_brokers(
-    procs: Processes, work: Path, vault: DevVault, secret: str, database: str, cache: str
-) -> Brokers:
+    procs: Processes, work: Path, vault: DevVault, secret: str, database: str, cache: str,
+    loop: str,
+) -> Brokers:  # fmt: skip
     auth = asyncio.run(provision(vault.address, vault.root_token))
     secret_file = work / "vault-secret-id"
     secret_file.write_text(auth.secret_id)
@@ -239,7 +250,14 @@ def start_brokers(
     single_db = database_url(database, work, "single")
     workers_db = database_url(database, work, "workers")
     single_port = free_port()
-    reuse = serve_supports_reuse_port()
+    options = serve_options()
+    reuse = "--reuse-port" in options
+    if "--loop" in options:
+        extra = ["--loop", loop]
+    elif loop == "uvloop":
+        raise RuntimeError("this broker's `serve` has no --loop option; run with --loop asyncio")
+    else:
+        extra = []
     worker_ports = [free_port()] if reuse else [free_port(), free_port()]
     configs = {"single": config("single", single_port, single_db)}
     for i in (1, 2):
@@ -253,7 +271,8 @@ def start_brokers(
         )  # fmt: skip
     started = {}
     for name, path in configs.items():
-        argv = [BROKER, "serve", "--config", str(path)] + (["--reuse-port"] if reuse else [])
+        argv = [BROKER, "serve", "--config", str(path), *extra]
+        argv += ["--reuse-port"] if reuse else []
         started[name] = procs.start(f"broker-{name}", argv)
     ports = {"single": single_port, "worker1": worker_ports[0], "worker2": worker_ports[-1]}
     for name, process in started.items():
@@ -511,10 +530,10 @@ def main(args: argparse.Namespace) -> int:
         if pg:
             create_pg_databases(pg)
         vault = asyncio.run(DevVault.start(log_path=work / "devvault.log"))
-        brokers = start_brokers(procs, work, vault, secret, args.database, args.cache)
+        brokers = start_brokers(procs, work, vault, secret, args.database, args.cache, args.loop)
         bare_port = free_port()
         bare = procs.start(
-            "bare", [sys.executable, str(BARE), str(bare_port), CLIENT_ID, "http://127.0.0.1"],
+            "bare", [*bare_argv(args.loop), str(bare_port), CLIENT_ID, "http://127.0.0.1"],
             {"BENCH_CLIENT_SECRET": secret},
         )  # fmt: skip
         bao1 = start_bao(procs, work, "bao-gomaxprocs1", 1)
@@ -600,7 +619,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"machine: {info['cores']} cores, {info['cpu']}; {info['date']}")
         for key in ("python", "wrk", "openbao", "node"):
             print(f"  {info[key]}")
-        print(f"broker: database {args.database}, cache {args.cache}; 2 workers: {mode}")
+        print(f"broker: database {args.database}, cache {args.cache}; 2 workers: {mode}; "
+              f"event loop of the broker and of (a): {args.loop}")  # fmt: skip
         print(f"load: wrk -t2, {args.rounds} round(s) x {args.duration} s per target and "
               f"concurrency {args.concurrency}, interleaved; medians", flush=True)  # fmt: skip
 
@@ -733,6 +753,10 @@ if __name__ == "__main__":
         "name; fresh databases are created and dropped",
     )  # fmt: skip
     parser.add_argument("--cache", default="memory://")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop",
+        help="event loop of the brokers and of the bare baseline (a), always the same",
+    )  # fmt: skip
     parser.add_argument(
         "--smoke", action="store_true",
         help="CI: 1 round x 2 s at c=32; node only if its node_modules exists",

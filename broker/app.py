@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -59,6 +60,9 @@ def create_app(
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         svc = await start_services(settings, dev_mode=dev_mode, vault_auth=vault_auth)
         app[SERVICES] = svc
+        # What exists now (modules, settings, services) lives as long as the process: keep it
+        # out of the cyclic collector, whose full passes over it stall every request in flight.
+        gc.freeze()
         cleanup = asyncio.create_task(run_cleanup(svc))
         yield
         cleanup.cancel()

@@ -35,6 +35,14 @@ _REQUIRED = {"access": ["iss", "sub", "aud", "exp", "iat", "jti", "client_id"],
 # parsed once, not on every call; the bounds keep crafted headers from growing it.
 _MAX_CACHED_HEADERS = 256
 _MAX_HEADER_SEGMENT = 512  # characters; ours are ~100
+# Tokens that passed `verify`'s signature and claim checks, by (token, audience, kind): the
+# same bytes checked with the same key give the same verdict, so a token presented again (a
+# resource server introspecting it, a launcher calling the API with it) skips the signature
+# and the parse. What can change is re-checked on every call: the key must still be the same
+# published key, and the times. Only exact strings that verified are stored (an attacker
+# cannot add entries without valid tokens); the oldest entry goes first when it is full.
+_MAX_VERIFIED = 1024
+_MAX_VERIFIED_TOKEN = 4096  # characters; larger tokens are verified every time
 
 
 def _b64(data: bytes) -> bytes:
@@ -81,6 +89,7 @@ class TokenService:
         self._header_segments: dict[tuple[str, str, str], bytes] = {}
         self._algorithms: dict[str, Algorithm] = {}
         self._headers_seen: dict[str, dict[str, Any]] = {}
+        self._verified: dict[tuple[str, str | None, str], tuple[SigningKey, str]] = {}
 
     async def mint(
         self,
@@ -205,6 +214,16 @@ class TokenService:
         published with; checks `typ`, issuer, expiry (with the configured skew) and, when
         given, the audience.
         """
+        memo = (token, audience, kind)
+        seen = self._verified.get(memo)
+        if seen is not None:
+            known, payload = seen
+            current = self._keyring.keyset.find(known.kid, self._clock())
+            if current is known or (current is not None and current == known):
+                fresh: dict[str, Any] = json.loads(payload)  # callers may change theirs
+                self._check_times(fresh)
+                return fresh
+            del self._verified[memo]  # the key left the ring or changed: check afresh
         try:
             header, cached = self._unverified_header(token)
         except jwt.PyJWTError:
@@ -246,6 +265,10 @@ class TokenService:
         except jwt.PyJWTError as error:
             raise InvalidToken("the token is not valid", log_detail=type(error).__name__) from None
         self._check_times(claims)
+        if len(token) <= _MAX_VERIFIED_TOKEN:
+            if len(self._verified) >= _MAX_VERIFIED:
+                del self._verified[next(iter(self._verified))]
+            self._verified[memo] = (key, json.dumps(claims, separators=(",", ":")))
         return claims
 
     def _check_times(self, claims: Mapping[str, Any]) -> None:

@@ -9,17 +9,33 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
 from broker.errors import InvalidRequest
 
 
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """`parse_qsl(text, keep_blank_values=True, errors="strict")`, with the unquoting skipped
+    for the pieces that have nothing to unquote (most OAuth parameters)."""
+    pairs = []
+    for piece in text.split("&"):
+        if not piece:
+            continue
+        name, _, value = piece.partition("=")
+        if "%" in piece or "+" in piece:
+            # One strict UTF-8 decode of the unquoted bytes: what `unquote(errors="strict")`
+            # gives (the text came from valid UTF-8), without its run-by-run splitting.
+            name = unquote_to_bytes(name.replace("+", " ")).decode("utf-8")
+            value = unquote_to_bytes(value.replace("+", " ")).decode("utf-8")
+        pairs.append((name, value))
+    return pairs
+
+
 def parse_form(body: bytes) -> dict[str, str]:
     try:
-        text = body.decode("utf-8")
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, errors="strict")
+        pairs = _pairs(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise InvalidRequest("the body is not a valid UTF-8 form") from None
     form: dict[str, str] = {}

@@ -18,6 +18,7 @@ from jose import jwt as jose_jwt
 
 from adapters.vault import AppRoleAuth, VaultClient
 from broker.devvault import DevVault, provision
+from broker.errors import InvalidToken
 from broker.keyring import KeyRing
 from broker.tokens import TokenService
 
@@ -232,6 +233,41 @@ async def test_transit_private_keys_never_reach_kv(
             await make_tokens(ring, clock).mint(subject="u", audience="launcher", client_id="c")
         ).token
         assert CachingVerifier(ring, clock).verify(token)["sub"] == "u"
+    finally:
+        await ring.close()
+        await vault.close()
+
+
+async def test_a_remembered_verification_still_checks_time_audience_kind_and_bytes(
+    bao_auth: tuple[str, AppRoleAuth],
+) -> None:
+    """`TokenService.verify` remembers tokens it verified; a repeat must refuse what a first
+    verification would: another audience or kind, other bytes, an expired token."""
+    clock = Clock()
+    vault = await _client(*bao_auth)
+    ring = make_ring(vault, clock)
+    try:
+        await ring.start()
+        tokens = make_tokens(ring, clock)
+        minted = await tokens.mint(subject="u", audience="launcher", client_id="c", ttl=600)
+        for _ in range(2):  # the second answer comes from the memo
+            claims = tokens.verify(minted.token, audience="launcher")
+            assert claims["jti"] == minted.jti
+        claims["sub"] = "someone-else"  # a caller changing its copy changes nothing
+        assert tokens.verify(minted.token, audience="launcher")["sub"] == "u"
+        head, body, signature = minted.token.split(".")
+        flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+        for bad, audience, kind in [
+            (minted.token, "other", "access"),
+            (minted.token, "launcher", "id"),
+            (f"{head}.{body}.{flipped}", "launcher", "access"),
+            (f"{head}.{body}.", "launcher", "access"),
+        ]:
+            with pytest.raises(InvalidToken):
+                tokens.verify(bad, audience=audience, kind=kind)  # type: ignore[arg-type]
+        clock.now = minted.expires_at + SKEW + 1
+        with pytest.raises(InvalidToken):
+            tokens.verify(minted.token, audience="launcher")
     finally:
         await ring.close()
         await vault.close()

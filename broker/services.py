@@ -467,7 +467,10 @@ async def start_services(
                 clock_skew=settings.tokens.clock_skew, cli_client=settings.oauth.cli_client,
                 backends=[b.id for b in settings.backends],
             ),
-            refresh=RefreshStore(db, settings.oauth.refresh_token_ttl),
+            refresh=RefreshStore(
+                db, settings.oauth.refresh_token_ttl, cache=cache,
+                clock_skew=settings.tokens.clock_skew,
+            ),
         )  # fmt: skip
     except BaseException:
         await vault.close()

@@ -6,29 +6,23 @@ for this very request; a revoked `jti` (RFC 7009, shared through the cache) is r
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from aiohttp import web
 
 from broker.errors import InvalidToken
 from broker.oauth import dpop
+from broker.oauth.revoked import jti_revoked, revoke_jti
 from broker.services import Services
-
-
-def _revoked_key(jti: str) -> str:
-    return f"revoked-jti:{jti}"
 
 
 async def revoke_access_token(svc: Services, jti: str, expires_at: float) -> None:
     """Put `jti` on the shared revoked list until the token would have expired anyway."""
-    remaining = expires_at - time.time() + svc.settings.tokens.clock_skew
-    if remaining > 0:
-        await svc.cache.set(_revoked_key(jti), "1", remaining)
+    await revoke_jti(svc.cache, jti, expires_at, svc.settings.tokens.clock_skew)
 
 
 async def is_revoked(svc: Services, jti: str) -> bool:
-    return await svc.cache.get(_revoked_key(jti)) is not None
+    return await jti_revoked(svc.cache, jti)
 
 
 def public_url(svc: Services, request: web.Request) -> str:

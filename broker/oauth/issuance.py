@@ -181,6 +181,9 @@ async def issue(svc: Services, req: TokenRequest) -> Issued:
             "audience": list(req.audience),
             "jkt": req.dpop_jkt if client.public else None,
             "auth_time": principal.auth_time,
+            # The access token issued beside it: revoking the family revokes it too.
+            "access_jti": minted.jti,
+            "access_exp": minted.expires_at,
         }
         refresh, family = await svc.oauth.refresh.create(
             client_id=client.id, subject=principal.id, grant=grant,

@@ -2,8 +2,10 @@
 
 Each use marks the token used and issues its successor in the same family. Presenting a
 used token again means it leaked (RFC 9700 §4.14.2): the whole family is revoked, and the
-legitimate holder signs in again. The "mark used" update is conditional, so two replicas
-racing on one token cannot both win.
+legitimate holder signs in again. Revoking a family (or a client's tokens for a user) also
+revokes the access tokens issued with it (RFC 7009 §2.1): each refresh token's grant records
+the jti and expiry of the access token minted beside it (`access_jti`, `access_exp`). The
+"mark used" update is conditional, so two replicas racing on one token cannot both win.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from broker.cache import Cache
 from broker.errors import InvalidGrant
+from broker.oauth.revoked import revoke_jti
 from broker.storage import Database, RefreshTokenRecord
 
 
@@ -40,9 +44,11 @@ class ReuseDetected(InvalidGrant):
 
 
 class RefreshStore:
-    def __init__(self, db: Database, ttl: int) -> None:
+    def __init__(self, db: Database, ttl: int, *, cache: Cache, clock_skew: float) -> None:
         self._db = db
         self._ttl = ttl
+        self._cache = cache
+        self._clock_skew = clock_skew
 
     async def create(
         self, *, client_id: str, subject: str, grant: dict[str, Any], family_id: str | None = None,
@@ -102,26 +108,26 @@ class RefreshStore:
         raise ReuseDetected("the refresh token was already used; its whole family is revoked")
 
     async def revoke_family(self, family_id: str) -> int:
-        async with self._db.sessions() as session, session.begin():
-            result = await session.execute(
-                update(RefreshTokenRecord)
-                .where(RefreshTokenRecord.family_id == family_id)
-                .values(revoked=True)
-            )
-        return int(getattr(result, "rowcount", 0))
+        """Revoke every refresh token of the family and the access tokens issued with them;
+        returns how many refresh tokens there were."""
+        return await self._revoke(RefreshTokenRecord.family_id == family_id)
 
     async def revoke_for(self, client_id: str, subject: str) -> int:
-        """Revoke every refresh token `client_id` holds for `subject` (consent withdrawn)."""
+        """Revoke every refresh token `client_id` holds for `subject` (consent withdrawn),
+        and the access tokens issued with them."""
+        return await self._revoke(
+            RefreshTokenRecord.client_id == client_id, RefreshTokenRecord.subject == subject
+        )
+
+    async def _revoke(self, *where: Any) -> int:
         async with self._db.sessions() as session, session.begin():
-            result = await session.execute(
-                update(RefreshTokenRecord)
-                .where(
-                    RefreshTokenRecord.client_id == client_id,
-                    RefreshTokenRecord.subject == subject,
-                )
-                .values(revoked=True)
-            )
-        return int(getattr(result, "rowcount", 0))
+            grants = list(await session.scalars(select(RefreshTokenRecord.grant).where(*where)))
+            await session.execute(update(RefreshTokenRecord).where(*where).values(revoked=True))
+        for grant in grants:
+            jti, expires_at = grant.get("access_jti"), grant.get("access_exp")
+            if isinstance(jti, str) and isinstance(expires_at, int | float):
+                await revoke_jti(self._cache, jti, expires_at, self._clock_skew)
+        return len(grants)
 
     async def family_active(self, family_id: str) -> bool:
         async with self._db.sessions() as session:

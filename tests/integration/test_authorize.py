@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from adapters.vault import AppRoleAuth
 from broker.app import app_with_services
 from broker.devvault import DevVault
+from broker.oauth.bearer import is_revoked
 from broker.oauth.clients import hash_secret
 from broker.services import Services
 from tests.peers.broker import ContractClient, audit_events, make_settings, sign_in, start_broker
@@ -179,6 +180,9 @@ async def test_refresh_token_reuse_revokes_the_family(
     )
     assert after.status == 400  # the legitimate successor died with the family
     assert len(audit_events(svc, "token.issued")) == 2
+    # ... and so did every access token issued with the family (RFC 9700 §4.14.2).
+    for issued in (first, second):
+        assert await is_revoked(svc, svc.tokens.verify(issued["access_token"])["jti"])
 
 
 async def test_code_replay_revokes_what_it_issued(oauth: tuple[Services, ContractClient]) -> None:

@@ -311,6 +311,8 @@ async def test_revoking_a_refresh_token_revokes_its_family(
     issued = await user_token(svc, person("carol"), scopes=["openid", "offline_access"],
                               refresh=True)  # fmt: skip
     first = issued.body["refresh_token"]
+    for access in (issued.body["access_token"],):  # live before the revocation
+        assert (await introspect(api, access)).json()["active"] is True
     rotated = await raw_post(
         api, "/oauth/token", data={"grant_type": "refresh_token", "refresh_token": first},
         headers=basic("launcher"),
@@ -332,6 +334,11 @@ async def test_revoking_a_refresh_token_revokes_its_family(
     assert record["data"]["refresh_family"] == issued.refresh_family
     assert record["data"]["client"] == "launcher"
     assert (await introspect(api, current)).json() == {"active": False}
+    # RFC 7009 §2.1: the access tokens issued with the family go too, the rotated one as well.
+    for access in (issued.body["access_token"], rotated.json()["access_token"]):
+        assert (await introspect(api, access)).json() == {"active": False}
+        refused_use = await api.get("/oauth/userinfo", headers=bearer(access))
+        assert refused_use.status == 401 and refused_use.json()["error"] == "invalid_token"
 
 
 async def test_another_clients_tokens_are_left_alone(svc: Services, api: ContractClient) -> None:

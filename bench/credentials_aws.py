@@ -43,8 +43,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import broker_process  # noqa: E402  (needs the repository on sys.path)
+
 ROLE_ARN = "arn:aws:iam::111111111111:role/binder-bench"
-SUBJECT = "bench-user"
 
 
 def run(main: Coroutine[Any, Any, int | None], loop: str) -> int | None:
@@ -100,33 +101,7 @@ async def load(label: str, call: Callable[[], Awaitable[bool]], conc: int, secs:
 
 async def serve_broker(config_path: str, port: int, token_file: str) -> None:
     """`--serve` mode: the broker on `port`; writes a launch token for the bench user."""
-    from aiohttp import web
-
-    from adapters.base import Principal
-    from broker.app import app_with_services
-    from broker.logs import configure_logging
-    from broker.oauth.issuance import remember_principal
-    from broker.settings import load_settings
-    from tests.peers.broker import start_broker
-
-    configure_logging("warning")
-    settings = load_settings(Path(config_path), mode="production")
-    svc = await start_broker(settings, dev_mode=False)
-    principal = Principal(idp="bench", issuer="urn:bench", subject=SUBJECT)
-    await remember_principal(svc, principal)
-    minted = await svc.tokens.mint(
-        subject=principal.id, audience=settings.server.public_url, client_id="bench",
-        scope=("launch:aws",),
-    )  # fmt: skip
-    runner = web.AppRunner(app_with_services(svc), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    Path(token_file).write_text(minted.token)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-    await svc.close()
+    await broker_process.serve_broker(config_path, port, token_file, scope=("launch:aws",))
 
 
 # --- the driver --------------------------------------------------------------------------

@@ -38,11 +38,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SUBJECT = "bench-user"
+from bench import broker_process  # noqa: E402  (needs the repository on sys.path)
+
+if TYPE_CHECKING:
+    from broker.services import Services
+
 OWNER = "bench"
 SITE_POLICY = """
 @id("bench-reads-bench-repos")
@@ -56,40 +61,22 @@ MB = 1 << 20
 
 
 async def serve_broker(config_path: str, port: int, token_file: str) -> None:
-    """`--serve` mode: the broker on `port`; writes a repo:read token for the bench user."""
-    from aiohttp import web
+    """`--serve` mode: the broker on `port`, the upstream secret stored for the `bench`
+    organisation; writes a repo:read token for the bench user."""
 
-    from adapters.base import Principal
-    from adapters.downstream.git_host import org_secret_path
-    from broker.app import app_with_services
-    from broker.logs import configure_logging
-    from broker.oauth.issuance import remember_principal
-    from broker.settings import load_settings
-    from tests.peers.broker import start_broker
+    async def store_upstream_secret(svc: Services) -> None:
+        from adapters.downstream.git_host import org_secret_path
 
-    configure_logging("warning")
-    settings = load_settings(Path(config_path), mode="production")
-    svc = await start_broker(settings, dev_mode=False)
-    principal = Principal(idp="bench", issuer="urn:bench", subject=SUBJECT)
-    await remember_principal(svc, principal)
-    await svc.vault.kv_write(
-        org_secret_path(settings.vault.prefix, "campus", OWNER),
-        {"username": os.environ["BENCH_UPSTREAM_USER"],
-         "password": os.environ.pop("BENCH_UPSTREAM_PASSWORD")},
+        await svc.vault.kv_write(
+            org_secret_path(svc.settings.vault.prefix, "campus", OWNER),
+            {"username": os.environ["BENCH_UPSTREAM_USER"],
+             "password": os.environ.pop("BENCH_UPSTREAM_PASSWORD")},
+        )  # fmt: skip
+
+    await broker_process.serve_broker(
+        config_path, port, token_file, scope=("repo:read",), ttl=3600,
+        prepare=store_upstream_secret,
     )  # fmt: skip
-    minted = await svc.tokens.mint(
-        subject=principal.id, audience=settings.server.public_url, client_id="bench",
-        scope=("repo:read",), ttl=3600,
-    )  # fmt: skip
-    runner = web.AppRunner(app_with_services(svc), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    Path(token_file).write_text(minted.token)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-    await svc.close()
 
 
 # --- measuring ---------------------------------------------------------------------------

@@ -8,10 +8,11 @@ parameter sent without a value counts as absent.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
 from broker.errors import InvalidRequest
 
@@ -72,3 +73,18 @@ async def read_json_object(request: web.Request, what: str) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise InvalidRequest(f"the body must be a JSON object ({what})")
     return document
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_model(model: type[ModelT], document: Any, what: str = "the request") -> ModelT:
+    """`document` validated as `model`, or InvalidRequest naming every problem by its field
+    ("`what` is not valid: field: message; ...")."""
+    try:
+        return model.model_validate(document)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
+        )
+        raise InvalidRequest(f"{what} is not valid: {problems}") from None

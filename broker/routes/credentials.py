@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from adapters.base import Principal
 from broker.credentials import (
@@ -22,9 +21,9 @@ from broker.credentials import (
     live_leases,
     revoke_lease,
 )
-from broker.errors import AccessDenied, InvalidRequest, InvalidTarget
+from broker.errors import AccessDenied, InvalidTarget
 from broker.oauth import bearer
-from broker.oauth.forms import read_json_object
+from broker.oauth.forms import parse_model, read_json_object
 from broker.oauth.issuance import load_principal
 from broker.oauth.userinfo import InsufficientScope
 from broker.services import Services
@@ -48,14 +47,7 @@ async def caller(svc: Services, request: web.Request) -> tuple[Principal, dict[s
 
 
 async def _request_body(request: web.Request) -> CredentialRequest:
-    document = await read_json_object(request, "the request")
-    try:
-        return CredentialRequest.model_validate(document)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
-        )
-        raise InvalidRequest(f"the request is not valid: {problems}") from None
+    return parse_model(CredentialRequest, await read_json_object(request, "the request"))
 
 
 async def create(request: web.Request) -> web.Response:

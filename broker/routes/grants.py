@@ -17,14 +17,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from adapters.base import Principal
 from broker import grants
 from broker.errors import AccessDenied, InvalidRequest, NotFound
 from broker.grants import GrantRequest
 from broker.oauth import bearer
-from broker.oauth.forms import read_json_object
+from broker.oauth.forms import parse_model, read_json_object
 from broker.oauth.issuance import load_principal
 from broker.oauth.userinfo import InsufficientScope
 from broker.pages import esc, render
@@ -60,19 +59,6 @@ async def _caller(svc: Services, request: web.Request) -> Principal:
     return principal
 
 
-def _problems(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
-    )
-
-
-def _parse(document: dict[str, Any]) -> GrantRequest:
-    try:
-        return GrantRequest.model_validate(document)
-    except ValidationError as error:
-        raise InvalidRequest(f"the request is not valid: {_problems(error)}") from None
-
-
 async def _created_body(
     svc: Services, created: grants.Created, principal: Principal
 ) -> dict[str, Any]:
@@ -89,7 +75,7 @@ async def api_create(request: web.Request) -> web.Response:
     """POST /v1/grants: a grant and its capability URL (shown once)."""
     svc = services(request)
     principal = await _caller(svc, request)
-    body = _parse(await read_json_object(request, "the grant"))
+    body = parse_model(GrantRequest, await read_json_object(request, "the grant"))
     created = await grants.create_grant(svc, principal, body)
     return _json(await _created_body(svc, created, principal), status=201)
 
@@ -378,7 +364,7 @@ def _form_grant(form: Any) -> GrantRequest:
     }
     if commit := str(form.get("commit", "")).strip():
         document["commit"] = commit
-    return _parse(document)
+    return parse_model(GrantRequest, document)
 
 
 async def owner_create(request: web.Request) -> web.StreamResponse:

@@ -16,13 +16,13 @@ import json
 from typing import Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import Principal
 from adapters.downstream.git_host import GitSecretHost, org_secret_path, user_secret_path
 from adapters.downstream.secrets import VaultSecretBackend
 from broker.errors import AccessDenied, InvalidRequest, InvalidTarget
-from broker.oauth.forms import read_json_object
+from broker.oauth.forms import parse_model, read_json_object
 from broker.oauth.userinfo import InsufficientScope
 from broker.routes.credentials import caller
 from broker.services import Services
@@ -43,12 +43,6 @@ class GitSecret(BaseModel):
     password: str = _Text
     scope: Literal["user", "organisation"] = "user"
     organisation: str | None = Field(default=None, min_length=1, max_length=256)
-
-
-def _problems(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
-    )
 
 
 async def _authorised(svc: Services, request: web.Request) -> Principal:
@@ -101,10 +95,7 @@ async def store(request: web.Request) -> web.Response:
     backend_id = request.match_info["backend"]
     organisation = None
     if backend_id in svc.repo_hosts:
-        try:
-            body = GitSecret.model_validate(document)
-        except ValidationError as error:
-            raise InvalidRequest(f"the secret is not valid: {_problems(error)}") from None
+        body = parse_model(GitSecret, document, "the secret")
         if body.scope == "organisation":
             if body.organisation is None:
                 raise InvalidRequest("name the organisation (the repo owner on the host)")

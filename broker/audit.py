@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, func, insert, select
+from sqlalchemy import Engine, Executable, Table, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from broker.errors import ServerError, UpstreamFailed
@@ -64,6 +64,17 @@ def _index_row(record: AuditRecord) -> dict[str, Any]:
         "actor": record.actor, "outcome": record.outcome, "record_hash": record.hash,
         "prev_hash": record.prev, "data": record.data,
     }  # fmt: skip
+
+
+def _inserts(
+    records: list[AuditRecord], extra: _Rows
+) -> list[tuple[Executable, list[Mapping[str, Any]]]]:
+    """The statements (executemany) that index `records` and add `extra`, in order."""
+    by_table: dict[Table, list[Mapping[str, Any]]] = {}
+    for table, row in extra:
+        by_table.setdefault(table, []).append(row)
+    index_rows: list[Mapping[str, Any]] = [_index_row(record) for record in records]
+    return [(_INSERT, index_rows)] + [(insert(t), rows) for t, rows in by_table.items()]
 
 
 def _json_default(value: object) -> str:
@@ -352,9 +363,20 @@ class AuditLog:
         """Write queued records in batches until the queue is empty."""
         while self._queue:
             batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+            entries = [entry for entry, _, _ in batch]
+            extra = [row for _, _, rows in batch for row in rows]
+            blocking = self.db.blocking_engine()
             try:
-                records = await asyncio.to_thread(self._write, [entry for entry, _, _ in batch])
-                await self._index(records, [row for _, _, rows in batch for row in rows])
+                if blocking is not None:
+                    # SQLite: file and index in one trip to a worker thread, with the stdlib
+                    # driver directly, instead of a hop back to the loop and one to aiosqlite's
+                    # thread per statement.
+                    records = await asyncio.to_thread(
+                        self._write_and_index, blocking, entries, extra
+                    )
+                else:
+                    records = await asyncio.to_thread(self._write, entries)
+                    await self._index(records, extra)
             except Exception as exc:  # every caller of the batch learns what failed
                 for _, done, _ in batch:
                     if not done.done():
@@ -471,30 +493,42 @@ class AuditLog:
         return record
 
     async def _index(self, records: list[AuditRecord], extra: _Rows = ()) -> None:
+        try:
+            async with self.db.engine.begin() as conn:  # Core executemany: no ORM overhead
+                for statement, rows in _inserts(records, extra):
+                    await conn.execute(statement, rows)
+        except Exception as exc:
+            raise self._index_failed(records, exc) from None
+
+    def _write_and_index(
+        self, engine: Engine, entries: list[_Entry], extra: _Rows
+    ) -> list[AuditRecord]:
+        """`_write`, then the index rows through `engine` (synchronous, in this thread)."""
+        records = self._write(entries)
+        try:
+            with engine.begin() as conn:
+                for statement, rows in _inserts(records, extra):
+                    conn.execute(statement, rows)
+        except Exception as exc:
+            raise self._index_failed(records, exc) from None
+        return records
+
+    def _index_failed(self, records: list[AuditRecord], exc: Exception) -> Exception:
+        """The error an append reports when its records are in the file but not indexed."""
         first, last = records[0], records[-1]
         where = (
             f"audit records {first.chain}/{first.seq}-{last.seq} are in {self.path} but not indexed"
         )
-        try:
-            rows = [_index_row(record) for record in records]
-            async with self.db.engine.begin() as conn:  # Core executemany: no ORM overhead
-                await conn.execute(_INSERT, rows)
-                by_table: dict[Table, list[Mapping[str, Any]]] = {}
-                for table, row in extra:
-                    by_table.setdefault(table, []).append(row)
-                for table, table_rows in by_table.items():
-                    await conn.execute(insert(table), table_rows)
-        except IntegrityError as exc:
-            raise ServerError(
+        if isinstance(exc, IntegrityError):
+            return ServerError(
                 "the audit log cannot be written",
                 log_detail=f"{where}: the SQL index already has this seq (file truncated or "
                 f"replaced? run verify): {type(exc).__name__}",
-            ) from None
-        except Exception as exc:
-            raise UpstreamFailed(
-                "the SQL database is unreachable",
-                log_detail=f"{where} (run reindex): {type(exc).__name__}: {exc}",
-            ) from None
+            )
+        return UpstreamFailed(
+            "the SQL database is unreachable",
+            log_detail=f"{where} (run reindex): {type(exc).__name__}: {exc}",
+        )
 
     # --- reading back -------------------------------------------------------------------
 

@@ -19,10 +19,12 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Engine,
     Index,
     Integer,
     MetaData,
     String,
+    create_engine,
     event,
     text,
 )
@@ -307,7 +309,8 @@ class Database:
             ) from None
         self.dialect = self.engine.dialect.name
         if self.dialect == "sqlite":
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine.sync_engine)
+        self._blocking: Engine | None = None
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )
@@ -348,9 +351,25 @@ class Database:
                 detail = detail.replace(str(password), "***")
             raise UpstreamFailed("the SQL database is unreachable", log_detail=detail) from None
 
+    def blocking_engine(self) -> Engine | None:
+        """On SQLite, a synchronous engine on the same file, configured like `engine` (WAL,
+        busy timeout, `BEGIN IMMEDIATE`), for code that already runs in a worker thread and
+        would otherwise hop back to the event loop and out to aiosqlite's thread for every
+        statement (the audit writer). None on other databases. Never use it on the loop."""
+        if self.dialect != "sqlite":
+            return None
+        if self._blocking is None:
+            url = make_url(self.url).set(drivername="sqlite+pysqlite")
+            self._blocking = create_engine(url)
+            _configure_sqlite(self._blocking)
+        return self._blocking
+
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        if self._blocking is not None:
+            self._blocking.dispose()
+            self._blocking = None
 
 
 def _switch_to_wal(cursor: Any) -> None:
@@ -368,8 +387,8 @@ def _switch_to_wal(cursor: Any) -> None:
             time.sleep(0.05)  # in the driver's own thread, never on the event loop
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # Stop the sqlite3 driver from issuing its own (deferred, DML-only) BEGIN; `_on_begin`
         # below takes over, which also makes DDL transactional for migrations.
@@ -382,7 +401,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         finally:
             cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         read_only = conn.get_execution_options().get("broker_read_only", False)
         conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")

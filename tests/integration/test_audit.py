@@ -456,6 +456,22 @@ async def test_a_failed_index_insert_leaves_the_record_for_reindex(
     assert (await log.verify()).ok
 
 
+async def test_a_failed_index_insert_on_sqlite_reports_the_same_way(tmp_path: Path) -> None:
+    """SQLite indexes from the writer thread through its own synchronous engine; a failure
+    there is reported like the async path's: the record stands in the file, run reindex."""
+    unmigrated = Database(f"sqlite:///{tmp_path / 'empty.db'}")  # no audit_records table
+    path = tmp_path / "audit.log"
+    try:
+        assert unmigrated.blocking_engine() is not None
+        with pytest.raises(UpstreamFailed) as caught:
+            await AuditLog(path, unmigrated).append("x", outcome="success", grant_id="g")
+    finally:
+        await unmigrated.close()
+    assert "run reindex" in caught.value.log_detail
+    assert "OperationalError" in caught.value.log_detail
+    assert len(_lines(path)) == 1, "the file record stands"
+
+
 async def test_reindex_never_overwrites_index_rows_with_a_tampered_file(
     log: AuditLog, audit_path: Path, database: Database
 ) -> None:

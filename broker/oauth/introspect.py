@@ -4,8 +4,8 @@ Both endpoints authenticate the calling client. Introspection answers only about
 caller is entitled to see: access tokens issued to it or meant for one of its audiences, and
 refresh tokens issued to it. Anything else, valid or not, is `{"active": false}` with nothing
 more (RFC 7662 §2.2, §4), so the endpoint cannot be used to probe other clients' tokens.
-Revocation always answers 200 with an empty body (RFC 7009 §2.2) and changes nothing for a
-token of another client. Broker access tokens are JWTs and refresh tokens are opaque strings
+Revocation answers 200 with an empty body for a revoked, unknown or invalid token (RFC 7009
+§2.2) and refuses, changing nothing, a valid token of another client (§2.1). Broker access tokens are JWTs and refresh tokens are opaque strings
 without dots, so the kind is told from the token itself; `token_type_hint` is accepted but not
 needed (RFC 7662 §2.1, RFC 7009 §2.1 let the server search all kinds).
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
-from broker.errors import InvalidClient, InvalidToken
+from broker.errors import InvalidClient, InvalidToken, UnauthorizedClient
 from broker.oauth import bearer
 from broker.oauth.clients import Client
 from broker.oauth.forms import read_oauth_form
@@ -110,11 +110,23 @@ async def introspect(request: web.Request) -> web.Response:
     return token_response(body)
 
 
+async def _refuse(svc: Services, client: Client, *, kind: str, **token_id: str) -> NoReturn:
+    """RFC 7009 §2.1: a token issued to another client is not revoked, and the request is
+    refused (with an audit record naming the token by its id, never the token)."""
+    await svc.audit.append(
+        "token.revoke_refused", outcome="denied", actor=client.id, client=client.id,
+        kind=kind, **token_id,
+    )  # fmt: skip
+    raise UnauthorizedClient("this token was not issued to this client; it was not revoked")
+
+
 async def _revoke_access(svc: Services, client: Client, token: str) -> None:
     claims = await _access_claims(svc, token)
-    if claims is None or claims.get("client_id") != client.id:
-        return  # invalid, already revoked, or another client's: nothing changes
+    if claims is None:
+        return  # invalid or already revoked: 200, nothing changes (RFC 7009 §2.2)
     jti = str(claims["jti"])
+    if claims.get("client_id") != client.id:
+        await _refuse(svc, client, kind="access_token", token_jti=jti)
     await bearer.revoke_access_token(svc, jti, float(claims["exp"]))
     await svc.audit.append(
         "token.revoked", outcome="success", actor=client.id, client=client.id,
@@ -124,8 +136,10 @@ async def _revoke_access(svc: Services, client: Client, token: str) -> None:
 
 async def _revoke_refresh(svc: Services, client: Client, token: str) -> None:
     record = await svc.oauth.refresh.lookup(token)
-    if record is None or record.client_id != client.id or record.revoked:
+    if record is None or record.revoked:
         return
+    if record.client_id != client.id:
+        await _refuse(svc, client, kind="refresh_token", refresh_family=record.family_id)
     # RFC 7009 §2.1: revoking a refresh token may revoke related tokens; a rotated family
     # is one grant, so every token of it goes.
     revoked = await svc.oauth.refresh.revoke_family(record.family_id)
@@ -137,7 +151,9 @@ async def _revoke_refresh(svc: Services, client: Client, token: str) -> None:
 
 
 async def revoke(request: web.Request) -> web.Response:
-    """POST /oauth/revoke (RFC 7009 §2): 200 with an empty body whatever the token was."""
+    """POST /oauth/revoke (RFC 7009 §2): 200 with an empty body once the token is revoked, or
+    when it is unknown, invalid or already revoked; 400 `unauthorized_client` for a token
+    issued to another client, which stays valid (§2.1)."""
     svc = services(request)
     form = await read_oauth_form(request)
     client = await svc.oauth.clients.authenticate(request, form)

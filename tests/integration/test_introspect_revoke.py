@@ -3,7 +3,7 @@
 Tokens come from the real token endpoint (client_credentials, refresh_token) or, for users,
 from `issuance.issue`, the one path every grant takes. Introspection must reveal nothing about
 tokens the caller is not entitled to see; revocation must change nothing for another client's
-token, and answer 200 either way.
+token and refuse it (RFC 7009 §2.1), and answer 200 for unknown or invalid tokens (§2.2).
 
 The helpers and fixtures here are shared with test_userinfo.py and test_admin_clients.py.
 """
@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
@@ -341,15 +342,31 @@ async def test_revoking_a_refresh_token_revokes_its_family(
         assert refused_use.status == 401 and refused_use.json()["error"] == "invalid_token"
 
 
-async def test_another_clients_tokens_are_left_alone(svc: Services, api: ContractClient) -> None:
+async def test_another_clients_tokens_are_refused_and_left_alone(
+    svc: Services, api: ContractClient
+) -> None:
     access = (await client_token(api, "launcher"))["access_token"]
     issued = await user_token(svc, person("dave"), scopes=["openid", "offline_access"],
                               refresh=True)  # fmt: skip
     refresh = issued.body["refresh_token"]
     for token in (access, refresh):
         response = await revoke(api, token, caller="other")
-        assert response.status == 200 and response.body == b""
+        assert response.status == 400, response.text
+        assert response.json()["error"] == "unauthorized_client"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert token not in response.text
     assert audit_events(svc, "token.revoked") == []
+    refused = audit_events(svc, "token.revoke_refused")
+    assert [(r["outcome"], r["actor"], r["data"]["kind"]) for r in refused] == [
+        ("denied", "other", "access_token"),
+        ("denied", "other", "refresh_token"),
+    ]
+    assert (
+        refused[0]["data"]["token_jti"]
+        == jwt.decode(access, options={"verify_signature": False})["jti"]
+    )
+    assert refused[1]["data"]["refresh_family"]
+    assert access not in json.dumps(refused) and refresh not in json.dumps(refused)
     assert (await api.get("/v1/whoami", headers=bearer(access))).status == 200
     assert (await introspect(api, access)).json()["active"] is True
     still = await raw_post(

@@ -5,9 +5,10 @@ caller is entitled to see: access tokens issued to it or meant for one of its au
 refresh tokens issued to it. Anything else, valid or not, is `{"active": false}` with nothing
 more (RFC 7662 §2.2, §4), so the endpoint cannot be used to probe other clients' tokens.
 Revocation answers 200 with an empty body for a revoked, unknown or invalid token (RFC 7009
-§2.2) and refuses, changing nothing, a valid token of another client (§2.1). Broker access tokens are JWTs and refresh tokens are opaque strings
-without dots, so the kind is told from the token itself; `token_type_hint` is accepted but not
-needed (RFC 7662 §2.1, RFC 7009 §2.1 let the server search all kinds).
+§2.2) and refuses, changing nothing, a valid token of another client (§2.1). Broker access
+tokens are JWTs and refresh tokens are opaque strings without dots, so the kind is told from
+the token itself; `token_type_hint` is accepted but not needed (RFC 7662 §2.1, RFC 7009 §2.1
+let the server search all kinds).
 """
 
 from __future__ import annotations
